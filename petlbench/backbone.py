@@ -1,0 +1,98 @@
+"""Backbones: timm ViTs built at the run's resolution from hub weights, a local file, or random init."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from petlbench.method import BackboneSpec
+
+# The embedded default for machines without data or GPU: timm's tiny registered ViT (patch 16, width 64).
+TINY_BACKBONE = "test_vit"
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be built as asked (unknown name, bad resolution, unreadable weights)."""
+
+
+def patch_size_of(name: str) -> int:
+    """Patch size of a timm ViT, read from a meta-device instance (no weights allocated)."""
+    with torch.device("meta"):
+        model = _create(name, pretrained=False, num_classes=0)
+    return int(model.patch_embed.patch_size[0])
+
+
+def check_resolution(name: str, res: int) -> None:
+    """Raise a clear error if `res` is not a positive multiple of the backbone's patch size."""
+    patch = patch_size_of(name)
+    if res <= 0 or res % patch:
+        lower, upper = max(patch, res - res % patch), res - res % patch + patch
+        raise BackboneError(
+            f"resolution {res} is not divisible by the patch size {patch} of {name}; use e.g. {lower} or {upper}"
+        )
+
+
+def _create(name: str, pretrained: bool, **kwargs: object) -> nn.Module:
+    if not timm.is_model(name.split(".")[0]):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise BackboneError(f"unknown timm model {name!r}; similar: {', '.join(close) or 'none'}")
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def create_backbone(spec: BackboneSpec, img_size: int, num_classes: int) -> VisionTransformer:
+    """A timm ViT at `img_size` (position table resampled), all dropout off, a fresh head if num_classes > 0."""
+    check_resolution(spec.name, img_size)
+    kwargs: dict[str, object] = dict(
+        img_size=img_size, num_classes=num_classes, drop_rate=0.0, drop_path_rate=0.0, attn_drop_rate=0.0
+    )
+    if spec.weights:
+        path = Path(spec.weights)
+        if not path.is_file():
+            raise BackboneError(f"--weights {path}: no such file (give a .safetensors or PyTorch checkpoint)")
+        # timm's own loader: applies the model's checkpoint filter (position-table resampling, head drop).
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(path.resolve()), num_classes=-1)
+        pretrained = True
+    else:
+        pretrained = spec.pretrained
+    try:
+        model = _create(spec.name, pretrained=pretrained, **kwargs)
+    except BackboneError:
+        raise
+    except (RuntimeError, OSError, ValueError) as err:
+        source = spec.weights or "the timm/Hugging Face hub"
+        raise BackboneError(
+            f"could not load weights for {spec.name} from {source}: {err}. Without network access use "
+            f"--weights FILE (safetensors or PyTorch state dict), or drop --pretrained for random init."
+        ) from err
+    if not isinstance(model, VisionTransformer):
+        raise BackboneError(f"{spec.name} is not a timm VisionTransformer; petlbench supports plain ViTs")
+    if num_classes > 0:
+        reset_head(model)
+    return model
+
+
+def reset_head(model: VisionTransformer) -> None:
+    """Fresh classification head: truncated normal std 0.02, bias 0 (the methods spec, §1.1)."""
+    head = model.head
+    if isinstance(head, nn.Linear):
+        trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors or torch checkpoint (accepting {'state_dict'|'model': ...} wrappers)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    return obj

@@ -1,0 +1,312 @@
+"""The `petlbench` command line: a thin typer layer over functions a notebook can call too."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    help="Compare parameter-efficient transfer learning methods (FPT+, FPT, LoRA, ...) on high-resolution images.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+datasets_app = typer.Typer(help="Generate and check datasets.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+# Command groups living in their own modules; each exposes `register(app)`.
+COMMAND_MODULES = ("petlbench.commands.profile", "petlbench.commands.report", "petlbench.commands.sweep")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the request is wrong": shown as one clear message, exit code 2."""
+    from petlbench.backbone import BackboneError
+    from petlbench.options import OptionError
+    from petlbench.registry import RegistryError
+    from petlbench.runner import RunRequestError
+
+    errors: list[type[BaseException]] = [BackboneError, OptionError, RegistryError, RunRequestError]
+    try:
+        from petlbench.datasets.discover import DatasetError
+
+        errors.append(DatasetError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def fail(message: str) -> None:
+    """Print an error and exit with status 2."""
+    err_console.print(f"[bold red]error:[/bold red] {message}")
+    raise typer.Exit(2)
+
+
+def _fmt_pm(pair: tuple[float, float]) -> str:
+    mean, std = pair
+    return "—" if not math.isfinite(mean) else f"{mean:.2f} ± {std:.2f}"
+
+
+@app.command()
+def run(
+    methods: Annotated[str, typer.Option(help="'all' or comma-separated method keys (see `petlbench methods`).")] = "all",
+    dataset: Annotated[
+        str | None, typer.Option(help="Image folder, CSV manifest or dataset card; default: embedded synthetic set.")
+    ] = None,
+    results: Annotated[Path, typer.Option(help="Results folder.")] = Path("results"),
+    res: Annotated[int, typer.Option(help="Input resolution (FPT/FPT+: of the frozen large model).")] = 512,
+    backbone: Annotated[
+        str | None, typer.Option(help="timm ViT name; default vit_base_patch16_224 (tiny ViT on the embedded default).")
+    ] = None,
+    pretrained: Annotated[bool, typer.Option(help="Load timm's hub weights for the backbone.")] = False,
+    weights: Annotated[str | None, typer.Option(help="Local .safetensors / PyTorch checkpoint for the backbone.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default 20; 3 on the embedded default).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (default 16; 8 on the embedded default).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Base learning rate (default: dataset card's, else 1e-3).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (default 0.1).")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated training seeds, e.g. 0,1,2,3,4.")] = "0",
+    opt: Annotated[list[str] | None, typer.Option(help="Method option METHOD.KEY=VALUE (repeatable).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    amp: Annotated[str, typer.Option(help="none or bf16 (autocast on CUDA, all methods alike).")] = "none",
+    attention: Annotated[str, typer.Option(help="Attention kernel: auto, fused or explicit.")] = "auto",
+    force: Annotated[bool, typer.Option(help="Redo runs that already finished.")] = False,
+    skip_bad_images: Annotated[bool, typer.Option(help="Exclude unreadable images (recorded) instead of stopping.")] = False,
+    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
+    report: Annotated[bool, typer.Option(help="Refresh the report (reports/) at the end.")] = False,
+    reports_dir: Annotated[Path, typer.Option("--reports", help="Report folder for --report.")] = Path("reports"),
+) -> None:
+    """Train and evaluate methods on one dataset with the papers' protocol; store and summarise results."""
+    from petlbench.results import ResultStore
+    from petlbench.runner import RunRequest, execute, resolve, summarise
+    from petlbench.training import ProgressHooks
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        fail(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2")
+    if amp not in ("none", "bf16"):
+        fail(f"--amp {amp!r}: use none or bf16")
+    if attention not in ("auto", "fused", "explicit"):
+        fail(f"--attention {attention!r}: use auto, fused or explicit")
+    request = RunRequest(
+        methods=methods, dataset=dataset, results=results, res=res, backbone=backbone, pretrained=pretrained,
+        weights=weights, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seeds=seed_list,
+        opts=opt or [], device=device, amp=amp, attention=attention, force=force,
+        skip_bad_images=skip_bad_images, workers=workers,
+    )
+    try:
+        resolved = resolve(request, log=console.print)
+    except user_errors() as err:
+        fail(str(err))
+    except ValueError as err:
+        fail(str(err))
+    for note in resolved.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    first = resolved.configs[0][1]
+    console.print(
+        f"dataset [bold]{resolved.source.name}[/bold] ({resolved.source.num_classes} classes, split "
+        f"{resolved.source.split_origin}, {len(resolved.source.samples)} images) · backbone {first.backbone} "
+        f"[{first.weights}] · {first.res}px · {first.epochs} epochs · batch {first.batch_size} · "
+        f"lr {first.lr:g} · device {first.device} · {len(resolved.configs)} runs"
+    )
+    store = ResultStore(results)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        runs_task = progress.add_task("runs", total=len(resolved.configs))
+        epoch_task = progress.add_task("epoch", total=1, visible=False)
+        batch_task = progress.add_task("batches", total=1, visible=False)
+
+        def on_run(done: int, total: int, cfg: Any, status: str) -> None:
+            progress.update(runs_task, completed=done, description=f"runs · {cfg.method} seed {cfg.seed}: {status}")
+
+        def on_epoch(epoch: int, epochs: int) -> None:
+            progress.update(epoch_task, completed=epoch - 1, total=epochs, visible=True, description="epoch")
+
+        def on_batch(done: int, total: int, phase: str) -> None:
+            progress.update(batch_task, completed=done, total=total, visible=True, description=phase)
+
+        hooks = ProgressHooks(on_epoch=on_epoch, on_batch=on_batch, log=progress.console.print)
+        records = execute(resolved, store, force=force, hooks=hooks, on_run=on_run)
+        progress.update(runs_task, completed=len(resolved.configs))
+    table = Table(title=f"Results ({results}/runs.jsonl)")
+    for column in ("method", "trainable params %", "val AUC", "test AUC", "runs"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in summarise(records):
+        status = f"{row['finished']}/{row['runs']}" + (f" ({', '.join(row['statuses'])})" if row["statuses"] else "")
+        ratio = "—" if not math.isfinite(row["ratio_pct"]) else f"{row['ratio_pct']:.4g}"
+        table.add_row(row["name"], ratio, _fmt_pm(row["val_auc"]), _fmt_pm(row["test_auc"]), status)
+    console.print(table)
+    if report:
+        _refresh_report(results, reports_dir)
+
+
+def _refresh_report(results: Path, out: Path) -> None:
+    try:
+        from petlbench.reports import build_report
+    except ImportError:
+        console.print("[yellow]report: the reports module is not available in this install[/yellow]")
+        return
+    index = build_report(results, out)
+    console.print(f"report written: [bold]{index}[/bold]")
+
+
+@app.command("methods")
+def list_methods(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """List the methods with their display names and options (defaults and help)."""
+    from petlbench.method import get_method, method_keys
+    from petlbench.options import describe
+
+    entries = []
+    for key in method_keys():
+        cls = get_method(key)
+        entries.append({"method": key, "name": cls.display_name, "options": describe(cls.Options)})
+    if as_json:
+        print(json.dumps(entries, indent=2, default=str))
+        return
+    table = Table(title="Methods (set options with --opt METHOD.KEY=VALUE)")
+    table.add_column("key")
+    table.add_column("name")
+    table.add_column("options (default) — help")
+    for entry in entries:
+        opts = "\n".join(f"{o['name']}={_show(o['default'])} — {o['help']}" for o in entry["options"]) or "—"
+        table.add_row(entry["method"], entry["name"], opts)
+    console.print(table)
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+@app.command()
+def params(
+    backbone: Annotated[str, typer.Option(help="timm ViT name.")] = "vit_base_patch16_224",
+    res: Annotated[int, typer.Option(help="Input resolution.")] = 512,
+    num_classes: Annotated[int, typer.Option(help="Number of classes.")] = 5,
+    methods: Annotated[str, typer.Option(help="'all' or comma-separated keys.")] = "all",
+    opt: Annotated[list[str] | None, typer.Option(help="Method option METHOD.KEY=VALUE (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per method.")] = False,
+) -> None:
+    """Trainable and total parameter counts and their ratio (%) for every method (Table I's Params)."""
+    from petlbench.backbone import check_resolution
+    from petlbench.method import BackboneSpec
+    from petlbench.options import parse_opt_flags
+    from petlbench.params import param_row
+    from petlbench.runner import parse_methods
+
+    try:
+        keys = parse_methods(methods)
+        overrides = parse_opt_flags(opt)
+        check_resolution(backbone, res)
+        rows = [param_row(k, BackboneSpec(backbone), res, num_classes, overrides.get(k)) for k in keys]
+    except user_errors() as err:
+        fail(str(err))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"Parameters · {backbone} · {res}px · {num_classes} classes")
+    for column in ("method", "name", "trainable", "total", "ratio %"):
+        table.add_column(column, justify="right" if column not in ("method", "name") else "left")
+    for row in rows:
+        table.add_row(row["method"], row["name"], f"{row['trainable']:,}", f"{row['total']:,}", f"{row['ratio_pct']:.4f}")
+    console.print(table)
+
+
+@datasets_app.command("synth")
+def datasets_synth(
+    out: Annotated[Path, typer.Option(help="Output folder (train/val/test/<class>/*.png).")],
+    n_per_class: Annotated[int | None, typer.Option(help="Images per class (all splits together).")] = None,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 1024,
+    classes: Annotated[int | None, typer.Option(help="Number of classes.")] = None,
+    seed: Annotated[int, typer.Option(help="Generator seed (same seed, same bytes).")] = 0,
+) -> None:
+    """Generate the deterministic synthetic high-resolution lesion dataset."""
+    from petlbench.datasets.synthetic import generate
+
+    kwargs: dict[str, Any] = {"size": size, "seed": seed}
+    if n_per_class is not None:
+        kwargs["n_per_class"] = n_per_class
+    if classes is not None:
+        kwargs["num_classes"] = classes
+    path = generate(out, **kwargs)
+    console.print(f"synthetic dataset written to [bold]{path or out}[/bold]")
+
+
+@datasets_app.command("check")
+def datasets_check(
+    path: Annotated[str, typer.Argument(help="Image folder, CSV manifest or dataset card.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List unreadable/empty files, empty classes, classes missing from a split, and class counts per split."""
+    from petlbench.datasets.check import check_dataset
+
+    try:
+        report = check_dataset(path)
+    except user_errors() as err:
+        fail(str(err))
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        console.print(report.to_text())
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def preload(
+    method: Annotated[str, typer.Option(help="fpt_plus or fpt.")] = "fpt_plus",
+    dataset: Annotated[str | None, typer.Option(help="Dataset; default the embedded synthetic set.")] = None,
+    results: Annotated[Path, typer.Option(help="Results folder (the cache lives in RESULTS/cache).")] = Path("results"),
+    res: Annotated[int, typer.Option(help="LPM input resolution.")] = 512,
+    backbone: Annotated[str | None, typer.Option(help="timm ViT name of the LPM.")] = None,
+    pretrained: Annotated[bool, typer.Option()] = False,
+    weights: Annotated[str | None, typer.Option()] = None,
+    opt: Annotated[list[str] | None, typer.Option(help="Method option METHOD.KEY=VALUE (repeatable).")] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Run the frozen large model once over every image and cache what FPT/FPT+ fusion modules need."""
+    from petlbench.preload import preload as run_preload
+    from petlbench.runner import RunRequest, resolve
+
+    try:
+        resolved = resolve(
+            RunRequest(methods=method, dataset=dataset, results=results, res=res, backbone=backbone,
+                       pretrained=pretrained, weights=weights, opts=opt or [], device=device),
+            log=console.print,
+        )
+        info = run_preload(resolved.methods[0], resolved.source, res, resolved.backbone, results / "cache",
+                           log=console.print, device=resolved.configs[0][1].device)
+    except user_errors() as err:
+        fail(str(err))
+    console.print(json.dumps(info, indent=2, default=str))
+
+
+def _register_command_modules() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:
+                continue  # that command group is not part of this build
+            raise
+        module.register(app)
+
+
+_register_command_modules()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted: finished runs are stored; re-run the same command to resume")
+        sys.exit(130)

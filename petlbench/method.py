@@ -1,0 +1,204 @@
+"""The plugin contract every transfer-learning method implements, and the method registry.
+
+A method is one module in `methods/` that defines a `Method` subclass and registers it with
+`@register_method`. The trainer only talks to this contract:
+
+* `Method.views(res)` names the input views a sample must provide (one augmented image for the
+  baselines; a fixed high-resolution view plus an augmented low-resolution view for FPT/FPT+);
+* `Method.build(ctx)` returns a `PetlModel`, an `nn.Module` whose `forward(batch)` maps a batch dict
+  to logits and whose hooks cover the rest (extra loss, after-step work, preloading, placement).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from petlbench.options import NoOptions, build_options
+from petlbench.registry import Registry
+
+Batch = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class View:
+    """One image view a sample must provide: its square size and whether training augments it."""
+
+    size: int
+    augment: bool = True
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Which pre-trained ViT to build: a timm name plus where its weights come from."""
+
+    name: str = "vit_base_patch16_224"
+    pretrained: bool = False
+    weights: str | None = None
+
+    @property
+    def weights_label(self) -> str:
+        """How the weights were obtained, as stored in results."""
+        if self.weights:
+            return f"file:{self.weights}"
+        return "timm-pretrained" if self.pretrained else "random-init"
+
+
+@dataclass
+class BuildContext:
+    """Everything a method needs to build its model for one run."""
+
+    backbone: BackboneSpec
+    num_classes: int
+    res: int
+    total_steps: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cache_dir: Path = Path("results/cache")
+    attention: str = "auto"
+    log: Callable[[str], None] = print
+
+
+class PetlModel(nn.Module):
+    """Base of every method's model: batch-dict forward, frozen-parts-stay-in-eval, optional hooks."""
+
+    def forward(self, batch: Batch) -> torch.Tensor:  # pragma: no cover - abstract
+        """Logits [B, C] for one batch."""
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> PetlModel:
+        """Set training mode, keeping every fully frozen sub-network in eval mode."""
+        super().train(mode)
+        if mode:
+            for module in _frozen_subtrees(self):
+                module.eval()
+        return self
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """A regulariser added to the task loss (AdaLoRA's orthogonality term); None by default."""
+        return None
+
+    def after_optimizer_step(self, global_step: int) -> None:
+        """Called after `optimizer.step()` and before `zero_grad()` (AdaLoRA rank allocation)."""
+
+    def prepare_data(self, splits: Mapping[str, Any], ctx: BuildContext) -> dict[str, Any]:
+        """Transform the split datasets before training (FPT/FPT+ preloading); identity by default."""
+        return dict(splits)
+
+    def place(self, device: torch.device) -> PetlModel:
+        """Move what training needs to `device` (FPT+ keeps a preloaded-away LPM off the GPU)."""
+        return self.to(device)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Distinct parameters that require grad."""
+        return [p for p in _distinct_parameters(self) if p.requires_grad]
+
+    def param_report(self) -> tuple[int, int]:
+        """(trainable, total) element counts under the counting rule (distinct parameters, once each)."""
+        params = list(_distinct_parameters(self))
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        return trainable, sum(p.numel() for p in params)
+
+
+def _distinct_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
+    seen: set[int] = set()
+    for param in module.parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            yield param
+
+
+def _frozen_subtrees(root: nn.Module) -> Iterator[nn.Module]:
+    """Maximal sub-modules that own parameters, none of them trainable (parameter-free leaves are left alone)."""
+    for child in root.children():
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            yield child
+        elif params:
+            yield from _frozen_subtrees(child)
+
+
+class Method:
+    """A transfer-learning method: display name, typed options, input views and a model builder."""
+
+    key: ClassVar[str] = ""
+    display_name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any | None = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def from_overrides(cls, overrides: Mapping[str, Any] | None = None) -> Method:
+        """Instantiate with `--opt` overrides (strings are coerced to the option's type)."""
+        return cls(build_options(cls.Options, dict(overrides or {}), cls.key))
+
+    def views(self, res: int) -> dict[str, View]:
+        """Input views at run resolution `res`; baselines take one augmented image."""
+        return {"image": View(res, augment=True)}
+
+    def build(self, ctx: BuildContext) -> PetlModel:  # pragma: no cover - abstract
+        """Build the trainable model from the backbone described by `ctx`."""
+        raise NotImplementedError
+
+    def resolved_options(self) -> dict[str, Any]:
+        """Options as a plain dict (stored in results and hashed into the run id)."""
+        return {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self.options).items()
+        }
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a Method subclass under its `key`."""
+    if not cls.key or not cls.display_name:
+        raise ValueError(f"{cls.__name__} must set `key` and `display_name`")
+    METHODS.register(cls.key, cls)
+    return cls
+
+
+def get_method(key: str) -> type[Method]:
+    """The Method class registered under `key` (loading built-ins and plugins first)."""
+    load_plugins()
+    return METHODS.get(key)
+
+
+def method_keys() -> list[str]:
+    """All known method keys, built-ins first in the papers' order."""
+    load_plugins()
+    return METHODS.names()
+
+
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Register built-in methods (lazily) and third-party ones (entry points, PETLBENCH_PLUGINS files)."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    import importlib.util
+    import os
+    from importlib.metadata import entry_points
+
+    from petlbench.methods import BUILTIN_METHODS
+
+    for key, target in BUILTIN_METHODS.items():
+        if key not in METHODS:
+            METHODS.register_lazy(key, target)
+    for entry in entry_points(group="petlbench.methods"):
+        entry.load()  # the module registers itself with @register_method
+    for path in filter(None, os.environ.get("PETLBENCH_PLUGINS", "").split(os.pathsep)):
+        spec = importlib.util.spec_from_file_location(f"petlbench_plugin_{Path(path).stem}", path)
+        if spec is None or spec.loader is None:
+            raise FileNotFoundError(f"PETLBENCH_PLUGINS names {path!r}, which is not a Python file")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)

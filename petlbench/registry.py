@@ -1,0 +1,69 @@
+"""One registry mechanism for pluggable components (methods, profilers, ...)."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class RegistryError(KeyError):
+    """An unknown or duplicate name in a registry."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class Registry(Generic[T]):
+    """Name -> object map with decorator registration, lazy "module:attr" entries and suggestions."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._objects: dict[str, T] = {}
+        self._lazy: dict[str, str] = {}
+
+    def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
+        """Register `obj` under `name`; usable as a decorator. Duplicate names raise."""
+
+        def add(target: T) -> T:
+            if name in self._objects and self._objects[name] is not target:
+                raise RegistryError(f"{self.kind} {name!r} is already registered")
+            self._objects[name] = target
+            self._lazy.pop(name, None)
+            return target
+
+        return add(obj) if obj is not None else add
+
+    def register_lazy(self, name: str, target: str) -> None:
+        """Register `name` as "package.module:attr", imported on first use."""
+        if name in self._objects or name in self._lazy:
+            raise RegistryError(f"{self.kind} {name!r} is already registered")
+        self._lazy[name] = target
+
+    def names(self) -> list[str]:
+        """All registered names, in registration order."""
+        return list(dict.fromkeys([*self._lazy, *self._objects]))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._objects or name in self._lazy
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def get(self, name: str) -> T:
+        """The object registered as `name`; unknown names raise with suggestions."""
+        if name in self._objects:
+            return self._objects[name]
+        if name in self._lazy:
+            module_name, _, attr = self._lazy[name].partition(":")
+            module = importlib.import_module(module_name)
+            obj = getattr(module, attr)  # importing may already have registered it via a decorator
+            self._objects.setdefault(name, obj)
+            self._lazy.pop(name, None)
+            return self._objects[name]
+        close = difflib.get_close_matches(name, self.names(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise RegistryError(f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.names())}")

@@ -1,0 +1,350 @@
+"""The papers' training and evaluation protocol, identical for every method.
+
+AdamW (betas 0.9/0.999, decay on every trainable parameter), cosine annealing to 0 updated every
+iteration, gradient clipping at norm 1.0, cross-entropy, best epoch chosen by validation AUC and the test
+metrics of that epoch reported (the last epoch's test metrics are logged too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from petlbench.config import RunConfig
+from petlbench.datasets.source import DatasetSource
+from petlbench.datasets.views import ViewDataset
+from petlbench.environment import environment
+from petlbench.method import BackboneSpec, BuildContext, Method, PetlModel
+from petlbench.metrics import classification_metrics
+from petlbench.results import FAILED, FINISHED, OOM, ResultStore, utc_now
+
+
+@dataclass
+class ProgressHooks:
+    """Callbacks the CLI uses to drive progress bars; all optional."""
+
+    on_epoch: Callable[[int, int], None] = lambda epoch, epochs: None
+    on_batch: Callable[[int, int, str], None] = lambda done, total, phase: None
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class TrainState:
+    """What the loop accumulates over a run."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val_auc: float = -math.inf
+    best_epoch: int = -1
+    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)
+    images_trained: int = 0
+    global_step: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for CUDA and host out-of-memory errors."""
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def cosine_factor(step: int, steps_per_epoch: int, epochs: int) -> float:
+    """lr multiplier at `step`: ½(1 + cos(π t / E)) with fractional epoch t = step / steps_per_epoch."""
+    t = step / max(1, steps_per_epoch)
+    return 0.5 * (1.0 + math.cos(math.pi * min(t, epochs) / epochs))
+
+
+def make_loader(dataset: Any, batch_size: int, train: bool, seed: int, workers: int) -> DataLoader:
+    """A loader; training shuffles with a seeded generator and drops the last incomplete batch."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,
+        num_workers=workers,
+        generator=generator,
+        worker_init_fn=_seed_worker,
+        persistent_workers=False,
+    )
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move every tensor of a batch dict to `device`."""
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _autocast(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if cfg.amp == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(
+    model: PetlModel, loader: DataLoader, device: torch.device, cfg: RunConfig, hooks: ProgressHooks, phase: str
+) -> dict[str, Any]:
+    """Metrics of `model` on one split (softmax probabilities, AUC x100)."""
+    model.eval()
+    labels, probs = [], []
+    for i, batch in enumerate(loader):
+        batch = to_device(batch, device)
+        with _autocast(cfg, device):
+            logits = model(batch)
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        labels.append(batch["label"].cpu())
+        hooks.on_batch(i + 1, len(loader), phase)
+    return classification_metrics(torch.cat(labels).numpy(), torch.cat(probs).numpy())
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def _load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, value in state.items():
+        params[name].copy_(value)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_epochs(
+    model: PetlModel,
+    loaders: dict[str, DataLoader],
+    cfg: RunConfig,
+    device: torch.device,
+    hooks: ProgressHooks,
+) -> TrainState:
+    """The training loop: one optimizer step per batch, validation after every epoch."""
+    state = TrainState()
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(loaders["train"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_factor(step, steps_per_epoch, cfg.epochs)
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(cfg.epochs):
+        hooks.on_epoch(epoch + 1, cfg.epochs)
+        model.train()
+        losses: list[float] = []
+        epoch_start = time.perf_counter()
+        for i, batch in enumerate(loaders["train"]):
+            batch = to_device(batch, device)
+            _sync(device)
+            step_start = time.perf_counter()
+            with _autocast(cfg, device):
+                logits = model(batch)
+                loss = loss_fn(logits.float(), batch["label"])
+                extra = model.extra_loss()
+                if extra is not None:
+                    loss = loss + extra
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {i + 1}")
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            model.after_optimizer_step(state.global_step)
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            _sync(device)
+            state.step_seconds.append(time.perf_counter() - step_start)
+            state.global_step += 1
+            state.images_trained += int(batch["label"].shape[0])
+            losses.append(float(loss.detach()))
+            hooks.on_batch(i + 1, steps_per_epoch, "train")
+        train_seconds = time.perf_counter() - epoch_start
+        val = evaluate(model, loaders["val"], device, cfg, hooks, "val")
+        state.history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": float(np.mean(losses)) if losses else math.nan,
+                "lr": optimizer.param_groups[0]["lr"],
+                "val_auc": val["auc"],
+                "val_acc": val["acc"],
+                "epoch_train_seconds": train_seconds,
+            }
+        )
+        val_auc = val["auc"] if math.isfinite(val["auc"]) else -math.inf
+        if val_auc > state.best_val_auc or state.best_epoch < 0:
+            state.best_val_auc, state.best_epoch = val_auc, epoch + 1
+            state.best_weights = _trainable_state(model)
+    return state
+
+
+def build_loaders(
+    splits: dict[str, Any], batch_size: int, seed: int, workers: int
+) -> dict[str, DataLoader]:
+    """Train/val/test loaders over the (possibly method-prepared) split datasets."""
+    return {name: make_loader(ds, batch_size, name == "train", seed, workers) for name, ds in splits.items()}
+
+
+def run_training(
+    cfg: RunConfig,
+    method: Method,
+    source: DatasetSource,
+    backbone: BackboneSpec,
+    store: ResultStore,
+    hooks: ProgressHooks | None = None,
+    efficiency: Callable[..., dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate one configuration; returns the stored record whatever the outcome."""
+    hooks = hooks or ProgressHooks()
+    from petlbench.environment import resolve_device
+
+    device = resolve_device(cfg.device)
+    record = store.mark_running(cfg.run_id, cfg.to_dict(), method.display_name)
+    record["environment"] = environment(device)
+    record["dataset"] = {
+        "name": source.name,
+        "root": str(source.root),
+        "split_origin": source.split_origin,
+        "class_names": source.classes,
+        "class_counts": source.class_counts(),
+        "skipped_files": source.skipped,
+        "fingerprint": cfg.dataset_fingerprint,
+        "mean": list(source.mean),
+        "std": list(source.std),
+    }
+    started = time.perf_counter()
+    try:
+        record.update(_train_and_test(cfg, method, source, backbone, store, device, hooks, efficiency))
+        record["status"] = FINISHED
+    except KeyboardInterrupt:
+        raise  # leaves the "running" record: the run is redone next time
+    except BaseException as error:  # noqa: BLE001 - one run's failure must not stop a sweep
+        record["status"] = OOM if is_out_of_memory(error) else FAILED
+        record["error"] = f"{type(error).__name__}: {error}"
+        record["traceback"] = traceback.format_exc(limit=20)
+        hooks.log(f"[red]{cfg.run_id}: {record['status']}: {record['error']}[/red]")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    record["timestamps"]["finished"] = utc_now()
+    record["timestamps"]["wall_seconds"] = time.perf_counter() - started
+    store.save(record)
+    return record
+
+
+def _train_and_test(
+    cfg: RunConfig,
+    method: Method,
+    source: DatasetSource,
+    backbone: BackboneSpec,
+    store: ResultStore,
+    device: torch.device,
+    hooks: ProgressHooks,
+    efficiency: Callable[..., dict[str, Any]] | None,
+) -> dict[str, Any]:
+    seed_everything(cfg.seed)
+    views = method.views(cfg.res)
+    n_train = len(source.split("train"))
+    batch_size = min(cfg.batch_size, n_train)
+    if batch_size < cfg.batch_size:
+        hooks.log(f"batch size {cfg.batch_size} > {n_train} training images: using {batch_size}")
+    steps_per_epoch = n_train // batch_size
+    ctx = BuildContext(
+        backbone=backbone,
+        num_classes=source.num_classes,
+        res=cfg.res,
+        total_steps=cfg.epochs * steps_per_epoch,
+        device=device,
+        cache_dir=store.root / "cache",
+        attention=cfg.attention,
+        log=hooks.log,
+    )
+    model = method.build(ctx)
+    splits = {
+        name: ViewDataset(source.split(name), views, train=(name == "train"), mean=source.mean, std=source.std)
+        for name in ("train", "val", "test")
+    }
+    prepare_start = time.perf_counter()
+    splits = model.prepare_data(splits, ctx)
+    prepare_seconds = time.perf_counter() - prepare_start
+    model.place(device)
+    trainable, total = model.param_report()
+    loaders = build_loaders(splits, batch_size, cfg.seed, cfg.num_workers)
+    eff: dict[str, Any] = {}
+    if efficiency is not None:
+        eff.update(efficiency(model=model, method=method, ctx=ctx, batch_size=batch_size, device=device))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_start = time.perf_counter()
+    state = train_epochs(model, loaders, cfg, device, hooks)
+    train_seconds = time.perf_counter() - train_start
+    last_test = evaluate(model, loaders["test"], device, cfg, hooks, "test")
+    _load_trainable_state(model, state.best_weights)
+    best_test = evaluate(model, loaders["test"], device, cfg, hooks, "test")
+    steady = state.step_seconds[2:] or state.step_seconds
+    eff.update(
+        {
+            "train_seconds": train_seconds,
+            "prepare_seconds": prepare_seconds,
+            "train_images_per_s": batch_size / float(np.median(steady)) if steady else None,
+            "end_to_end_images_per_s": state.images_trained / train_seconds if train_seconds > 0 else None,
+            "timed_steps": len(steady),
+        }
+    )
+    preload_info = getattr(model, "preload_info", None)
+    if preload_info:
+        eff["preload"] = preload_info
+        eff["preload_seconds"] = preload_info.get("preload_seconds")
+    if device.type == "cuda":
+        eff["measured_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        eff["measured_peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
+    _choose_peak_memory(eff)
+    return {
+        "method_name": method.display_name,
+        "params": {"trainable": trainable, "total": total, "ratio_pct": 100.0 * trainable / total},
+        "history": state.history,
+        "metrics": {
+            "best_epoch": state.best_epoch,
+            "val_auc": state.best_val_auc if math.isfinite(state.best_val_auc) else None,
+            "test_auc": best_test["auc"],
+            "test_acc": best_test["acc"],
+            "test": best_test,
+            "last_epoch_test": last_test,
+        },
+        "efficiency": eff,
+        "batch_size_used": batch_size,
+    }
+
+
+def _choose_peak_memory(eff: dict[str, Any]) -> None:
+    """The memory figure tables use: measured peak allocated on CUDA, else the estimate (marked)."""
+    if eff.get("measured_peak_allocated_mb") is not None:
+        eff["peak_mem_mb"], eff["peak_mem_source"] = eff["measured_peak_allocated_mb"], "measured"
+    elif eff.get("est_peak_mem_mb") is not None:
+        eff["peak_mem_mb"], eff["peak_mem_source"] = eff["est_peak_mem_mb"], "estimated"
+    else:
+        eff["peak_mem_mb"], eff["peak_mem_source"] = None, None

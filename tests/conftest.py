@@ -1,0 +1,23 @@
+"""Shared test setup: one thread (2-core CI), tiny ViTs, generated data in tmp folders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("PETLBENCH_DATA", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "data"))
+torch.set_num_threads(1)
+
+TINY_VIT = "test_vit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip GPU-marked tests where no CUDA device is visible."""
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,112 @@
+"""Registry, options, config/run-id, atomic results store and metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Literal
+
+import numpy as np
+import pytest
+
+from petlbench.config import RunConfig
+from petlbench.metrics import auc_percent, classification_metrics, mean_std
+from petlbench.options import OptionError, build_options, option, parse_opt_flags
+from petlbench.registry import Registry, RegistryError
+from petlbench.results import FAILED, FINISHED, RUNNING, ResultStore
+from petlbench.training import cosine_factor
+
+
+def test_registry_duplicate_unknown_and_lazy() -> None:
+    reg: Registry[object] = Registry("thing")
+    reg.register("alpha", object())
+    with pytest.raises(RegistryError, match="already registered"):
+        reg.register("alpha", object())
+    reg.register_lazy("json_dumps", "json:dumps")
+    assert reg.get("json_dumps") is json.dumps
+    with pytest.raises(RegistryError, match="Did you mean alpha"):
+        reg.get("alpah")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Opts:
+    r: int = option(16, "rank")
+    alpha: float = option(16.0, "scale")
+    layers: tuple[int, ...] = option((6, 7), "layers")
+    mode: Literal["global", "class_token"] = option("global", "importance")
+    flag: bool = option(True, "switch")
+    limit: int | None = option(None, "optional")
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError("r must be positive")
+
+
+def test_options_coercion_and_errors() -> None:
+    opts = build_options(
+        _Opts, {"r": "8", "alpha": "0.5", "layers": "1,2,3", "mode": "class_token", "flag": "false", "limit": "3"}, "m"
+    )
+    assert (opts.r, opts.alpha, opts.layers, opts.mode, opts.flag, opts.limit) == (8, 0.5, (1, 2, 3), "class_token", False, 3)
+    with pytest.raises(OptionError, match="unknown option m.rank; valid options: m.r"):
+        build_options(_Opts, {"rank": "8"}, "m")
+    with pytest.raises(OptionError, match="not a valid int"):
+        build_options(_Opts, {"r": "eight"}, "m")
+    with pytest.raises(OptionError, match="not one of"):
+        build_options(_Opts, {"mode": "cls"}, "m")
+    with pytest.raises(OptionError, match="r must be positive"):
+        build_options(_Opts, {"r": "0"}, "m")
+    assert parse_opt_flags(["lora.r=8", "fpt_plus.token_ratio=0.3"]) == {
+        "lora": {"r": "8"}, "fpt_plus": {"token_ratio": "0.3"}
+    }
+    with pytest.raises(OptionError, match="METHOD.KEY=VALUE"):
+        parse_opt_flags(["r=8"])
+
+
+def test_run_id_depends_on_identity_fields_only() -> None:
+    base = RunConfig(method="lora", dataset="d", dataset_fingerprint="f")
+    assert base.run_id == RunConfig(method="lora", dataset="d", dataset_fingerprint="f", num_workers=4).run_id
+    assert base.run_id != dataclasses.replace(base, seed=1).run_id
+    assert base.run_id != dataclasses.replace(base, method_options={"r": 8}).run_id
+    assert base.run_id.startswith("lora-")
+    assert RunConfig.from_dict(base.to_dict()) == base
+
+
+def test_store_statuses_index_and_collect(tmp_path) -> None:
+    store = ResultStore(tmp_path)
+    cfg = RunConfig(method="bitfit", dataset="d", dataset_fingerprint="f")
+    record = store.mark_running(cfg.run_id, cfg.to_dict(), "BitFit")
+    assert store.status(cfg.run_id) == RUNNING and not store.is_finished(cfg.run_id)
+    record.update(status=FINISHED, metrics={"test_auc": 91.0, "val_auc": math.nan})
+    store.save(record)
+    other = RunConfig(method="lora", dataset="d", dataset_fingerprint="f")
+    store.save({"run_id": other.run_id, "status": FAILED, "config": other.to_dict(), "error": "boom"})
+    rows = store.rows()
+    assert [r["status"] for r in rows] == [FINISHED, FAILED]
+    assert rows[0]["val_auc"] is None  # NaN is stored as null
+    (tmp_path / "runs.jsonl").unlink()
+    assert store.collect() == 2 and len(store.table()) == 2
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_auc_binary_multiclass_and_missing_class() -> None:
+    labels = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
+    assert auc_percent(labels, probs) == (100.0, None)
+    three = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.5, 0.3, 0.2]])
+    auc, note = auc_percent(np.array([0, 1, 2, 0]), three)
+    assert auc == pytest.approx(100.0) and note is None
+    auc, note = auc_percent(np.array([0, 1, 1, 0]), three)
+    assert math.isfinite(auc) and "classes [2] absent" in note
+    auc, note = auc_percent(np.array([1, 1, 1, 1]), three)
+    assert math.isnan(auc) and "only class" in note
+    metrics = classification_metrics(np.array([0, 1, 2, 0]), three)
+    assert metrics["acc"] == 100.0
+
+
+def test_mean_std_and_cosine() -> None:
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    assert mean_std([5.0]) == (5.0, 0.0)
+    assert cosine_factor(0, 10, 2) == 1.0
+    assert cosine_factor(10, 10, 2) == pytest.approx(0.5)
+    assert cosine_factor(20, 10, 2) == pytest.approx(0.0)
