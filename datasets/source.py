@@ -10,6 +10,10 @@ from pathlib import Path
 SPLITS = ("train", "val", "test")
 
 
+class DatasetError(ValueError):
+    """A dataset that cannot be used as given; the message says which path, what is wrong and what to do."""
+
+
 @dataclass(frozen=True)
 class Sample:
     """One labelled image file."""

@@ -116,7 +116,7 @@ def run(
     console.print(
         f"dataset [bold]{resolved.source.name}[/bold] ({resolved.source.num_classes} classes, split "
         f"{resolved.source.split_origin}, {len(resolved.source.samples)} images) · backbone {first.backbone} "
-        f"[{first.weights}] · {first.res}px · {first.epochs} epochs · batch {first.batch_size} · "
+        f"({first.weights}) · {first.res}px · {first.epochs} epochs · batch {first.batch_size} · "
         f"lr {first.lr:g} · device {first.device} · {len(resolved.configs)} runs"
     )
     store = ResultStore(results)
@@ -223,7 +223,7 @@ def params(
 
 @datasets_app.command("synth")
 def datasets_synth(
-    out: Annotated[Path, typer.Option(help="Output folder (train/val/test/<class>/*.png).")],
+    out: Annotated[Path, typer.Option(help="Output folder (train/val/test/<class>/*.jpg).")],
     n_per_class: Annotated[int | None, typer.Option(help="Images per class (all splits together).")] = None,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 1024,
     classes: Annotated[int | None, typer.Option(help="Number of classes.")] = None,
@@ -256,7 +256,7 @@ def datasets_check(
     if as_json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
-        console.print(report.to_text())
+        console.print(report.to_text(), markup=False)
     raise typer.Exit(0 if report.ok else 1)
 
 

@@ -12,7 +12,14 @@ from typing import Any
 import torch
 
 from petlbench.backbone import TINY_BACKBONE, check_resolution
-from petlbench.config import PAPER_BATCH_SIZE, PAPER_EPOCHS, PAPER_LR, PAPER_WEIGHT_DECAY, RunConfig, file_digest
+from petlbench.config import (
+    PAPER_BATCH_SIZE,
+    PAPER_EPOCHS,
+    PAPER_LR,
+    PAPER_WEIGHT_DECAY,
+    RunConfig,
+    file_digest,
+)
 from petlbench.datasets.source import DatasetSource
 from petlbench.method import BackboneSpec, Method, get_method, method_keys
 from petlbench.metrics import mean_std
@@ -179,8 +186,8 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
 
 
 def _card_lr(dataset: str | None) -> float | None:
-    if dataset is None:
-        return None
+    if dataset is None or Path(dataset).exists():
+        return None  # a folder or manifest: no card learning rate, whatever its name
     try:
         from petlbench.datasets.cards import load_card
 

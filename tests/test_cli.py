@@ -1,0 +1,113 @@
+"""End-to-end CLI behaviour on the embedded synthetic data with a tiny ViT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from petlbench.cli import app
+
+runner = CliRunner()
+TINY = ["--backbone", "test_vit", "--res", "32", "--epochs", "1", "--batch-size", "4"]
+
+
+def invoke(*args: str):
+    """Run the CLI in-process and return the result (output includes stderr)."""
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_methods_lists_every_display_name() -> None:
+    result = invoke("methods", "--json")
+    assert result.exit_code == 0
+    names = {entry["method"]: entry["name"] for entry in json.loads(result.output)}
+    assert names == {
+        "full_ft": "Full fine-tuning", "linear_probe": "Linear probing", "vpt": "Prompt-tuning",
+        "attention_tuning": "Attention-tuning", "adapter": "Adapter", "bitfit": "BitFit", "lora": "LoRA",
+        "adalora": "AdaLoRA", "fpt": "FPT", "fpt_plus": "FPT+",
+    }
+
+
+def test_params_json_keys_on_tiny_vit() -> None:
+    result = invoke("params", "--backbone", "test_vit", "--res", "64", "--num-classes", "3", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert {r["method"] for r in rows} >= {"full_ft", "lora", "fpt_plus", "fpt"}
+    for row in rows:
+        assert set(row) >= {"method", "trainable", "total", "ratio_pct"}
+        assert 0 < row["trainable"] <= row["total"]
+    full = next(r for r in rows if r["method"] == "full_ft")
+    assert full["ratio_pct"] == 100.0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "lorra"], "unknown method(s) lorra; known methods: full_ft"),
+        (["--methods", "lora", "--res", "30"], "not divisible by the patch size 16"),
+        (["--methods", "lora", "--dataset", "/nonexistent/folder"], "/nonexistent/folder"),
+        (["--methods", "lora", "--opt", "lora.rank=8"], "unknown option lora.rank; valid options: lora.r"),
+    ],
+)
+def test_clear_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    result = invoke("run", "--results", str(tmp_path), "--backbone", "test_vit", *args)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+@pytest.mark.slow
+def test_run_writes_results_and_skips_on_rerun(tmp_path: Path) -> None:
+    methods = "full_ft,linear_probe,bitfit,lora"
+    first = invoke("run", "--methods", methods, "--results", str(tmp_path), *TINY)
+    assert first.exit_code == 0, first.output
+    rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert sorted(r["method"] for r in rows) == sorted(methods.split(","))
+    assert all(r["status"] == "finished" for r in rows)
+    record = json.loads((tmp_path / rows[0]["run_id"] / "result.json").read_text())
+    assert record["config"]["weights"] == "random-init"
+    assert record["environment"]["versions"]["torch"]
+    assert record["history"] and record["metrics"]["best_epoch"] == 1
+    second = invoke("run", "--methods", methods, "--results", str(tmp_path), *TINY)
+    assert second.exit_code == 0
+    assert second.output.count("already finished") == 4
+
+
+def _write_bad_dataset(root: Path) -> list[str]:
+    for split, count in (("train", 4), ("val", 2), ("test", 2)):
+        for cls, colour in (("a", (200, 30, 30)), ("b", (30, 30, 200))):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.new("RGB", (40, 40), colour).save(folder / f"{i}.png")
+    bad = root / "train" / "a"
+    (bad / "empty.png").write_bytes(b"")
+    full = bad / "full.jpg"
+    Image.new("RGB", (64, 64), (9, 99, 199)).save(full, quality=95)
+    (bad / "truncated.jpg").write_bytes(full.read_bytes()[:200])
+    full.unlink()
+    (bad / "notes.png").write_text("this is a text file, not a PNG")
+    return ["empty.png", "truncated.jpg", "notes.png"]
+
+
+@pytest.mark.slow
+def test_bad_images_stop_before_training_or_are_skipped(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    bad_names = _write_bad_dataset(data)
+    results = tmp_path / "results"
+    stopped = invoke("run", "--methods", "linear_probe", "--dataset", str(data), "--results", str(results), *TINY)
+    assert stopped.exit_code == 2
+    for name in bad_names:
+        assert name in stopped.output
+    assert "--skip-bad-images" in stopped.output
+    assert not (results / "runs.jsonl").exists()
+    skipped = invoke(
+        "run", "--methods", "linear_probe", "--dataset", str(data), "--results", str(results), "--skip-bad-images", *TINY
+    )
+    assert skipped.exit_code == 0, skipped.output
+    row = json.loads((results / "runs.jsonl").read_text().splitlines()[0])
+    record = json.loads((results / row["run_id"] / "result.json").read_text())
+    recorded = {Path(s["path"]).name for s in record["dataset"]["skipped_files"]}
+    assert recorded == set(bad_names)
