@@ -48,7 +48,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def fail(message: str) -> None:
     """Print an error and exit with status 2."""
-    err_console.print(f"[bold red]error:[/bold red] {message}")
+    # soft_wrap: file paths in the message must stay whole (greppable, copyable); no markup in user text
+    err_console.print("[bold red]error:[/bold red] ", end="")
+    err_console.print(message, markup=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

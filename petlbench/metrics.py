@@ -43,7 +43,7 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, A
         "auc": auc,
         "acc": float(accuracy_score(labels, preds) * 100.0),
         "f1_macro": float(f1_score(labels, preds, average="macro", zero_division=0) * 100.0),
-        "n": int(len(labels)),
+        "n": len(labels),
     }
     try:
         result["kappa_quadratic"] = float(cohen_kappa_score(labels, preds, weights="quadratic") * 100.0)

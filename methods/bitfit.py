@@ -1,0 +1,23 @@
+"""BitFit: every bias term (LayerNorm biases included) plus the fresh head is trained (methods spec §2.3)."""
+
+from __future__ import annotations
+
+from petlbench.backbone import create_backbone
+from petlbench.backbone_model import HEAD_PATTERN, BackboneClassifier, freeze_except, name_matcher
+from petlbench.method import BuildContext, Method, register_method
+
+BIAS_PATTERN = r"(.+\.)?bias"
+
+
+@register_method
+class BitFit(Method):
+    """Train all parameters named `*bias` and the head; weights, `cls_token` and `pos_embed` stay frozen."""
+
+    key = "bitfit"
+    display_name = "BitFit"
+
+    def build(self, ctx: BuildContext) -> BackboneClassifier:
+        """The backbone with only biases and the head trainable."""
+        net = create_backbone(ctx.backbone, ctx.res, ctx.num_classes)
+        freeze_except(net, name_matcher([BIAS_PATTERN, HEAD_PATTERN]))
+        return BackboneClassifier(net)
