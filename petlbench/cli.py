@@ -6,6 +6,10 @@ import importlib
 import json
 import math
 import sys
+import warnings
+
+# torch imports pynvml, whose 13.x shim warns that it is deprecated; the module it provides is nvidia-ml-py's.
+warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
 from pathlib import Path
 from typing import Annotated, Any
 

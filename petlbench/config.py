@@ -36,7 +36,7 @@ class RunConfig:
     weight_decay: float = PAPER_WEIGHT_DECAY
     seed: int = 0
     method_options: dict[str, Any] = field(default_factory=dict)
-    device: str = "cpu"
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     amp: str = "none"  # "none" or "bf16" (CUDA only)
     attention: str = "auto"
     grad_clip: float = GRAD_CLIP_NORM
@@ -58,6 +58,7 @@ class RunConfig:
     def run_id(self) -> str:
         """`<method>-<hash>`: identical configs share an id, so finished runs are skipped."""
         identity = {k: v for k, v in self.to_dict().items() if k not in _NOT_IDENTITY}
+        identity["device"] = self.device.split(":")[0]  # which GPU index ran it does not change the result
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
         return f"{self.method}-{digest}"
 

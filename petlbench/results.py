@@ -124,10 +124,12 @@ class ResultStore:
         self.save(record)
         return record
 
-    def save(self, record: dict[str, Any]) -> None:
-        """Write a record atomically and refresh its row in the index."""
+    def save(self, record: dict[str, Any], update_index: bool = True) -> None:
+        """Write a record atomically and refresh its row in the index (distributed workers skip the
+        index and the driver calls `collect()` once instead of every task rewriting it)."""
         write_json_atomic(self.result_path(record["run_id"]), record)
-        self._update_index([summary_row(record)])
+        if update_index:
+            self._update_index([summary_row(record)])
 
     def records(self) -> list[dict[str, Any]]:
         """Every run record found under the root (the source of truth for reports)."""

@@ -105,7 +105,8 @@ def build_methods(keys: list[str], opts: Sequence[str]) -> list[Method]:
         raise RunRequestError(str(err)) from None
 
 
-def _dataset_slug(spec: str | None) -> str:
+def dataset_slug(spec: str | None) -> str:
+    """Folder name for a dataset's split files under the results root."""
     if spec is None:
         return "synthetic"
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec).name or str(spec)) or "dataset"
@@ -142,7 +143,7 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
 
     source = open_dataset(
         request.dataset,
-        split_dir=Path(request.results) / "datasets" / _dataset_slug(request.dataset),
+        split_dir=Path(request.results) / "datasets" / dataset_slug(request.dataset),
         seed=0,
         skip_bad_images=request.skip_bad_images,
         log=log,
@@ -174,7 +175,7 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
                 weight_decay=weight_decay,
                 seed=int(seed),
                 method_options=method.resolved_options(),
-                device=device.type,
+                device=str(device),
                 amp=request.amp if device.type == "cuda" else "none",
                 attention=request.attention,
                 skip_bad_images=request.skip_bad_images,
@@ -208,7 +209,7 @@ def execute(
 ) -> list[dict[str, Any]]:
     """Train every config not already finished (unless `force`); a failure is recorded and the rest go on."""
     hooks = hooks or ProgressHooks()
-    efficiency = _efficiency_fn() if profile else None
+    efficiency = efficiency_fn() if profile else None
     records = []
     for i, (method, cfg) in enumerate(resolved.configs):
         if not force and store.is_finished(cfg.run_id):
@@ -223,7 +224,8 @@ def execute(
     return records
 
 
-def _efficiency_fn() -> Callable[..., dict[str, Any]] | None:
+def efficiency_fn() -> Callable[..., dict[str, Any]] | None:
+    """The per-run profiler (None if the profiling module is unavailable)."""
     try:
         from petlbench.profiling import run_efficiency
     except ImportError:

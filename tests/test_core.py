@@ -110,3 +110,15 @@ def test_mean_std_and_cosine() -> None:
     assert cosine_factor(0, 10, 2) == 1.0
     assert cosine_factor(10, 10, 2) == pytest.approx(0.5)
     assert cosine_factor(20, 10, 2) == pytest.approx(0.0)
+
+
+def test_every_subpackage_is_packaged() -> None:
+    """A normal (non-editable) install ships every petlbench sub-package listed in pyproject.toml."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"petlbench", "petlbench.methods", "petlbench.datasets"}
+    found |= {f"petlbench.{p.parent.name}" for p in (root / "petlbench").glob("*/__init__.py")}
+    assert found == listed
