@@ -135,8 +135,8 @@ def run(
         def on_run(done: int, total: int, cfg: Any, status: str) -> None:
             progress.update(runs_task, completed=done, description=f"runs · {cfg.method} seed {cfg.seed}: {status}")
 
-        def on_epoch(epoch: int, epochs: int) -> None:
-            progress.update(epoch_task, completed=epoch - 1, total=epochs, visible=True, description="epoch")
+        def on_epoch(epochs_done: int, epochs: int) -> None:
+            progress.update(epoch_task, completed=epochs_done, total=epochs, visible=True, description="epoch")
 
         def on_batch(done: int, total: int, phase: str) -> None:
             progress.update(batch_task, completed=done, total=total, visible=True, description=phase)

@@ -241,6 +241,12 @@ class SideTuningModel(PetlModel):
         batch["label"] = torch.zeros(batch_size, dtype=torch.long, device=device)
         return batch
 
+    def introspect(self, batch: Batch) -> dict[str, Any] | None:
+        """`fusion_attention_maps` of this batch; None when there is no LPM or fusion module to inspect."""
+        if self.lpm is None or self.fusion is None:
+            return None
+        return fusion_attention_maps(self, batch)
+
     def place(self, device: torch.device) -> SideTuningModel:
         """Side and fusion to `device`; the LPM too only when it runs online (preloaded: it stays on the CPU)."""
         if self.lpm is not None:

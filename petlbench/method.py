@@ -90,6 +90,10 @@ class PetlModel(nn.Module):
         """Transform the split datasets before training (FPT/FPT+ preloading); identity by default."""
         return dict(splits)
 
+    def introspect(self, batch: Batch) -> dict[str, Any] | None:
+        """Attention maps for the reports' figures 6 and 9 (FPT/FPT+); None for methods without prompts."""
+        return None
+
     def place(self, device: torch.device) -> PetlModel:
         """Move what training needs to `device` (FPT+ keeps a preloaded-away LPM off the GPU)."""
         return self.to(device)

@@ -34,7 +34,7 @@ from petlbench.results import FAILED, FINISHED, OOM, ResultStore, utc_now
 class ProgressHooks:
     """Callbacks the CLI uses to drive progress bars; all optional."""
 
-    on_epoch: Callable[[int, int], None] = lambda epoch, epochs: None
+    on_epoch: Callable[[int, int], None] = lambda epochs_done, epochs: None
     on_batch: Callable[[int, int, str], None] = lambda done, total, phase: None
     log: Callable[[str], None] = print
 
@@ -155,7 +155,7 @@ def train_epochs(
     )
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(cfg.epochs):
-        hooks.on_epoch(epoch + 1, cfg.epochs)
+        hooks.on_epoch(epoch, cfg.epochs)
         model.train()
         losses: list[float] = []
         epoch_start = time.perf_counter()
@@ -200,6 +200,7 @@ def train_epochs(
         if val_auc > state.best_val_auc or state.best_epoch < 0:
             state.best_val_auc, state.best_epoch = val_auc, epoch + 1
             state.best_weights = _trainable_state(model)
+    hooks.on_epoch(cfg.epochs, cfg.epochs)
     return state
 
 
@@ -305,6 +306,7 @@ def _train_and_test(
     last_test = evaluate(model, loaders["test"], device, cfg, hooks, "test")
     _load_trainable_state(model, state.best_weights)
     best_test = evaluate(model, loaders["test"], device, cfg, hooks, "test")
+    _save_introspection(model, loaders["test"], cfg, store, device, hooks)
     steady = state.step_seconds[2:] or state.step_seconds
     eff.update(
         {
@@ -338,6 +340,34 @@ def _train_and_test(
         "efficiency": eff,
         "batch_size_used": batch_size,
     }
+
+
+def _save_introspection(
+    model: PetlModel,
+    loader: DataLoader,
+    cfg: RunConfig,
+    store: ResultStore,
+    device: torch.device,
+    hooks: ProgressHooks,
+    max_images: int = 4,
+) -> None:
+    """Store the attention maps of the first test batch (figures 6 and 9) when the method has any."""
+    batch = to_device(next(iter(loader)), device)
+    with torch.no_grad():
+        maps = model.introspect(batch)
+    if maps is None:
+        return
+    from petlbench.datasets.loading import load_image
+    from petlbench.reports import introspection_arrays, save_introspection
+
+    shown = batch["index"][:max_images].tolist()
+    samples = [loader.dataset.samples[i] for i in shown] if hasattr(loader.dataset, "samples") else []
+    images = None
+    if len(samples) == len(shown):  # the un-normalised LPM view of the same images, for drawing token boxes
+        images = np.stack([np.asarray(load_image(s.path).resize((cfg.res, cfg.res))) for s in samples])
+    arrays = introspection_arrays(maps, images=images, max_images=max_images, labels=batch["label"][:max_images])
+    path = save_introspection(store.run_dir(cfg.run_id), arrays)
+    hooks.log(f"attention maps for figures 6 and 9 saved to {path}")
 
 
 def _choose_peak_memory(eff: dict[str, Any]) -> None:
