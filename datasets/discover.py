@@ -168,10 +168,11 @@ def locate(spec: str | Path | None, log: Log) -> tuple[Path, DatasetCard | None]
         from . import synthetic
 
         root = synthetic.embedded_default(log=log)
+        count = synthetic.EMBEDDED_CLASSES * synthetic.EMBEDDED_N_PER_CLASS
         log(
             f"no --dataset given: using the embedded synthetic dataset {synthetic.EMBEDDED_NAME} "
-            f"({synthetic.EMBEDDED_CLASSES} classes, {synthetic.EMBEDDED_CLASSES * synthetic.EMBEDDED_N_PER_CLASS} "
-            f"fundus-like {synthetic.EMBEDDED_SIZE}-px images whose class is set by lesions a few pixels wide) at {root}"
+            f"({synthetic.EMBEDDED_CLASSES} classes, {count} fundus-like {synthetic.EMBEDDED_SIZE}-px images "
+            f"whose class is set by lesions a few pixels wide) at {root}"
         )
         return root, None
     text = str(spec)

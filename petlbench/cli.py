@@ -6,10 +6,6 @@ import importlib
 import json
 import math
 import sys
-import warnings
-
-# torch imports pynvml, whose 13.x shim warns that it is deprecated; the module it provides is nvidia-ml-py's.
-warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -65,7 +61,9 @@ def _fmt_pm(pair: tuple[float, float]) -> str:
 
 @app.command()
 def run(
-    methods: Annotated[str, typer.Option(help="'all' or comma-separated method keys (see `petlbench methods`).")] = "all",
+    methods: Annotated[
+        str, typer.Option(help="'all' or comma-separated method keys (see `petlbench methods`).")
+    ] = "all",
     dataset: Annotated[
         str | None, typer.Option(help="Image folder, CSV manifest or dataset card; default: embedded synthetic set.")
     ] = None,
@@ -75,7 +73,9 @@ def run(
         str | None, typer.Option(help="timm ViT name; default vit_base_patch16_224 (tiny ViT on the embedded default).")
     ] = None,
     pretrained: Annotated[bool, typer.Option(help="Load timm's hub weights for the backbone.")] = False,
-    weights: Annotated[str | None, typer.Option(help="Local .safetensors / PyTorch checkpoint for the backbone.")] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="Local .safetensors / PyTorch checkpoint for the backbone.")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (default 20; 3 on the embedded default).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (default 16; 8 on the embedded default).")] = None,
     lr: Annotated[float | None, typer.Option(help="Base learning rate (default: dataset card's, else 1e-3).")] = None,
@@ -86,7 +86,9 @@ def run(
     amp: Annotated[str, typer.Option(help="none or bf16 (autocast on CUDA, all methods alike).")] = "none",
     attention: Annotated[str, typer.Option(help="Attention kernel: auto, fused or explicit.")] = "auto",
     force: Annotated[bool, typer.Option(help="Redo runs that already finished.")] = False,
-    skip_bad_images: Annotated[bool, typer.Option(help="Exclude unreadable images (recorded) instead of stopping.")] = False,
+    skip_bad_images: Annotated[
+        bool, typer.Option(help="Exclude unreadable images (recorded) instead of stopping.")
+    ] = False,
     workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
     report: Annotated[bool, typer.Option(help="Refresh the report (reports/) at the end.")] = False,
     reports_dir: Annotated[Path, typer.Option("--reports", help="Report folder for --report.")] = Path("reports"),
@@ -105,10 +107,25 @@ def run(
     if attention not in ("auto", "fused", "explicit"):
         fail(f"--attention {attention!r}: use auto, fused or explicit")
     request = RunRequest(
-        methods=methods, dataset=dataset, results=results, res=res, backbone=backbone, pretrained=pretrained,
-        weights=weights, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seeds=seed_list,
-        opts=opt or [], device=device, amp=amp, attention=attention, force=force,
-        skip_bad_images=skip_bad_images, workers=workers,
+        methods=methods,
+        dataset=dataset,
+        results=results,
+        res=res,
+        backbone=backbone,
+        pretrained=pretrained,
+        weights=weights,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        seeds=seed_list,
+        opts=opt or [],
+        device=device,
+        amp=amp,
+        attention=attention,
+        force=force,
+        skip_bad_images=skip_bad_images,
+        workers=workers,
     )
     try:
         resolved = resolve(request, log=console.print)
@@ -223,7 +240,9 @@ def params(
     for column in ("method", "name", "trainable", "total", "ratio %"):
         table.add_column(column, justify="right" if column not in ("method", "name") else "left")
     for row in rows:
-        table.add_row(row["method"], row["name"], f"{row['trainable']:,}", f"{row['total']:,}", f"{row['ratio_pct']:.4f}")
+        table.add_row(
+            row["method"], row["name"], f"{row['trainable']:,}", f"{row['total']:,}", f"{row['ratio_pct']:.4f}"
+        )
     console.print(table)
 
 
@@ -284,12 +303,28 @@ def preload(
 
     try:
         resolved = resolve(
-            RunRequest(methods=method, dataset=dataset, results=results, res=res, backbone=backbone,
-                       pretrained=pretrained, weights=weights, opts=opt or [], device=device),
+            RunRequest(
+                methods=method,
+                dataset=dataset,
+                results=results,
+                res=res,
+                backbone=backbone,
+                pretrained=pretrained,
+                weights=weights,
+                opts=opt or [],
+                device=device,
+            ),
             log=console.print,
         )
-        info = run_preload(resolved.methods[0], resolved.source, res, resolved.backbone, results / "cache",
-                           log=console.print, device=resolved.configs[0][1].device)
+        info = run_preload(
+            resolved.methods[0],
+            resolved.source,
+            res,
+            resolved.backbone,
+            results / "cache",
+            log=console.print,
+            device=resolved.configs[0][1].device,
+        )
     except user_errors() as err:
         fail(str(err))
     console.print(json.dumps(info, indent=2, default=str))

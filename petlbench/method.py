@@ -152,9 +152,7 @@ class Method:
 
     def resolved_options(self) -> dict[str, Any]:
         """Options as a plain dict (stored in results and hashed into the run id)."""
-        return {
-            k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self.options).items()
-        }
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self.options).items()}
 
 
 METHODS: Registry[type[Method]] = Registry("method")
@@ -175,9 +173,12 @@ def get_method(key: str) -> type[Method]:
 
 
 def method_keys() -> list[str]:
-    """All known method keys, built-ins first in the papers' order."""
+    """All known method keys: built-ins in their table's order (however they were imported), then plugins."""
     load_plugins()
-    return METHODS.names()
+    from petlbench.methods import BUILTIN_METHODS
+
+    builtin = [key for key in BUILTIN_METHODS if key in METHODS]
+    return builtin + [key for key in METHODS.names() if key not in BUILTIN_METHODS]
 
 
 _plugins_loaded = False

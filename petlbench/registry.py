@@ -24,6 +24,7 @@ class Registry(Generic[T]):
         self.kind = kind
         self._objects: dict[str, T] = {}
         self._lazy: dict[str, str] = {}
+        self._order: list[str] = []  # registration order, stable when lazy entries get loaded
 
     def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
         """Register `obj` under `name`; usable as a decorator. Duplicate names raise."""
@@ -32,6 +33,8 @@ class Registry(Generic[T]):
             if name in self._objects and self._objects[name] is not target:
                 raise RegistryError(f"{self.kind} {name!r} is already registered")
             self._objects[name] = target
+            if name not in self._order:
+                self._order.append(name)
             self._lazy.pop(name, None)
             return target
 
@@ -42,10 +45,11 @@ class Registry(Generic[T]):
         if name in self._objects or name in self._lazy:
             raise RegistryError(f"{self.kind} {name!r} is already registered")
         self._lazy[name] = target
+        self._order.append(name)
 
     def names(self) -> list[str]:
         """All registered names, in registration order."""
-        return list(dict.fromkeys([*self._lazy, *self._objects]))
+        return list(self._order)
 
     def __contains__(self, name: object) -> bool:
         return name in self._objects or name in self._lazy

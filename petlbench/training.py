@@ -28,6 +28,7 @@ from petlbench.environment import environment
 from petlbench.method import BackboneSpec, BuildContext, Method, PetlModel
 from petlbench.metrics import classification_metrics
 from petlbench.results import FAILED, FINISHED, OOM, ResultStore, utc_now
+from petlbench.step import make_optimizer, train_step
 
 
 @dataclass
@@ -47,7 +48,7 @@ class TrainState:
     best_val_auc: float = -math.inf
     best_epoch: int = -1
     best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
-    step_seconds: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0
     images_trained: int = 0
     global_step: int = 0
 
@@ -133,27 +134,25 @@ def _load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> N
         params[name].copy_(value)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train_epochs(
     model: PetlModel,
     loaders: dict[str, DataLoader],
     cfg: RunConfig,
     device: torch.device,
     hooks: ProgressHooks,
+    meters: RunMeters | None = None,
 ) -> TrainState:
     """The training loop: one optimizer step per batch, validation after every epoch."""
+    from petlbench.profiling import reset_cuda_peak
+
+    meters = meters or RunMeters(device)
     state = TrainState()
     params = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(loaders["train"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_factor(step, steps_per_epoch, cfg.epochs)
     )
-    loss_fn = nn.CrossEntropyLoss()
     for epoch in range(cfg.epochs):
         hooks.on_epoch(epoch, cfg.epochs)
         model.train()
@@ -161,30 +160,26 @@ def train_epochs(
         epoch_start = time.perf_counter()
         for i, batch in enumerate(loaders["train"]):
             batch = to_device(batch, device)
-            _sync(device)
-            step_start = time.perf_counter()
-            with _autocast(cfg, device):
-                logits = model(batch)
-                loss = loss_fn(logits.float(), batch["label"])
-                extra = model.extra_loss()
-                if extra is not None:
-                    loss = loss + extra
+            meters.step_timer.start_step()
+            loss = train_step(
+                model,
+                batch,
+                optimizer,
+                grad_clip=cfg.grad_clip,
+                global_step=state.global_step,
+                autocast=lambda: _autocast(cfg, device),
+            )
+            scheduler.step()
+            meters.step_timer.end_step(int(batch["label"].shape[0]))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {i + 1}")
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            model.after_optimizer_step(state.global_step)
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            _sync(device)
-            state.step_seconds.append(time.perf_counter() - step_start)
             state.global_step += 1
+            if state.global_step == meters.warmup_steps:
+                reset_cuda_peak(device)  # the steady-state peak: optimizer state exists from here on
             state.images_trained += int(batch["label"].shape[0])
-            losses.append(float(loss.detach()))
+            losses.append(float(loss))
             hooks.on_batch(i + 1, steps_per_epoch, "train")
-        train_seconds = time.perf_counter() - epoch_start
+        state.train_seconds += time.perf_counter() - epoch_start
         val = evaluate(model, loaders["val"], device, cfg, hooks, "val")
         state.history.append(
             {
@@ -193,7 +188,7 @@ def train_epochs(
                 "lr": optimizer.param_groups[0]["lr"],
                 "val_auc": val["auc"],
                 "val_acc": val["acc"],
-                "epoch_train_seconds": train_seconds,
+                "epoch_train_seconds": time.perf_counter() - epoch_start,
             }
         )
         val_auc = val["auc"] if math.isfinite(val["auc"]) else -math.inf
@@ -204,9 +199,43 @@ def train_epochs(
     return state
 
 
-def build_loaders(
-    splits: dict[str, Any], batch_size: int, seed: int, workers: int
-) -> dict[str, DataLoader]:
+@dataclass
+class RunMeters:
+    """The measurements taken while a run trains: step timer (warm-up excluded) and NVML power sampler."""
+
+    device: torch.device
+    warmup_steps: int = 2
+
+    def __post_init__(self) -> None:
+        from petlbench.profiling import PowerSampler, StepTimer
+
+        self.step_timer = StepTimer(warmup_steps=self.warmup_steps, device=self.device)
+        self.power_sampler = None
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self.power_sampler = PowerSampler(index)
+
+    def start(self) -> None:
+        """Start the power sampler (never raises: NVML failures become a reason at stop)."""
+        if self.power_sampler is not None:
+            self.power_sampler.start()
+
+    def stop(self) -> dict[str, Any]:
+        """Throughput, measured CUDA peaks and power of the run (None fields with reasons where unavailable)."""
+        from petlbench.profiling import read_cuda_peak, unavailable_power
+
+        summary = self.step_timer.summary()
+        summary.pop("step_seconds", None)
+        result = dict(summary)
+        result.update(read_cuda_peak(self.device))
+        if self.power_sampler is not None:
+            result["power"] = self.power_sampler.stop()
+        else:
+            result["power"] = unavailable_power(f"{self.device} is not an NVIDIA GPU: NVML power needs one")
+        return result
+
+
+def build_loaders(splits: dict[str, Any], batch_size: int, seed: int, workers: int) -> dict[str, DataLoader]:
     """Train/val/test loaders over the (possibly method-prepared) split datasets."""
     return {name: make_loader(ds, batch_size, name == "train", seed, workers) for name, ds in splits.items()}
 
@@ -298,32 +327,31 @@ def _train_and_test(
     eff: dict[str, Any] = {}
     if efficiency is not None:
         eff.update(efficiency(model=model, method=method, ctx=ctx, batch_size=batch_size, device=device))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    meters = RunMeters(device)
+    meters.start()
     train_start = time.perf_counter()
-    state = train_epochs(model, loaders, cfg, device, hooks)
+    try:
+        state = train_epochs(model, loaders, cfg, device, hooks, meters)
+    finally:
+        measured = meters.stop()
     train_seconds = time.perf_counter() - train_start
     last_test = evaluate(model, loaders["test"], device, cfg, hooks, "test")
     _load_trainable_state(model, state.best_weights)
     best_test = evaluate(model, loaders["test"], device, cfg, hooks, "test")
     _save_introspection(model, loaders["test"], cfg, store, device, hooks)
-    steady = state.step_seconds[2:] or state.step_seconds
+    eff.update(measured)
     eff.update(
         {
-            "train_seconds": train_seconds,
+            "train_seconds": train_seconds,  # all epochs, validation included
+            "train_loop_seconds": state.train_seconds,  # training batches only, data loading included
             "prepare_seconds": prepare_seconds,
-            "train_images_per_s": batch_size / float(np.median(steady)) if steady else None,
-            "end_to_end_images_per_s": state.images_trained / train_seconds if train_seconds > 0 else None,
-            "timed_steps": len(steady),
+            "end_to_end_images_per_s": state.images_trained / state.train_seconds if state.train_seconds else None,
         }
     )
     preload_info = getattr(model, "preload_info", None)
     if preload_info:
         eff["preload"] = preload_info
         eff["preload_seconds"] = preload_info.get("preload_seconds")
-    if device.type == "cuda":
-        eff["measured_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        eff["measured_peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
     _choose_peak_memory(eff)
     return {
         "method_name": method.display_name,

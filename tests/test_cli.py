@@ -25,9 +25,16 @@ def test_methods_lists_every_display_name() -> None:
     assert result.exit_code == 0
     names = {entry["method"]: entry["name"] for entry in json.loads(result.output)}
     assert names == {
-        "full_ft": "Full fine-tuning", "linear_probe": "Linear probing", "vpt": "Prompt-tuning",
-        "attention_tuning": "Attention-tuning", "adapter": "Adapter", "bitfit": "BitFit", "lora": "LoRA",
-        "adalora": "AdaLoRA", "fpt": "FPT", "fpt_plus": "FPT+",
+        "full_ft": "Full fine-tuning",
+        "linear_probe": "Linear probing",
+        "vpt": "Prompt-tuning",
+        "attention_tuning": "Attention-tuning",
+        "adapter": "Adapter",
+        "bitfit": "BitFit",
+        "lora": "LoRA",
+        "adalora": "AdaLoRA",
+        "fpt": "FPT",
+        "fpt_plus": "FPT+",
     }
 
 
@@ -104,7 +111,15 @@ def test_bad_images_stop_before_training_or_are_skipped(tmp_path: Path) -> None:
     assert "--skip-bad-images" in stopped.output
     assert not (results / "runs.jsonl").exists()
     skipped = invoke(
-        "run", "--methods", "linear_probe", "--dataset", str(data), "--results", str(results), "--skip-bad-images", *TINY
+        "run",
+        "--methods",
+        "linear_probe",
+        "--dataset",
+        str(data),
+        "--results",
+        str(results),
+        "--skip-bad-images",
+        *TINY,
     )
     assert skipped.exit_code == 0, skipped.output
     row = json.loads((results / "runs.jsonl").read_text().splitlines()[0])

@@ -25,6 +25,8 @@ def test_registry_duplicate_unknown_and_lazy() -> None:
         reg.register("alpha", object())
     reg.register_lazy("json_dumps", "json:dumps")
     assert reg.get("json_dumps") is json.dumps
+    reg.register("beta", object())
+    assert reg.names() == ["alpha", "json_dumps", "beta"]
     with pytest.raises(RegistryError, match="Did you mean alpha"):
         reg.get("alpah")
 
@@ -47,7 +49,14 @@ def test_options_coercion_and_errors() -> None:
     opts = build_options(
         _Opts, {"r": "8", "alpha": "0.5", "layers": "1,2,3", "mode": "class_token", "flag": "false", "limit": "3"}, "m"
     )
-    assert (opts.r, opts.alpha, opts.layers, opts.mode, opts.flag, opts.limit) == (8, 0.5, (1, 2, 3), "class_token", False, 3)
+    assert (opts.r, opts.alpha, opts.layers, opts.mode, opts.flag, opts.limit) == (
+        8,
+        0.5,
+        (1, 2, 3),
+        "class_token",
+        False,
+        3,
+    )
     with pytest.raises(OptionError, match="unknown option m.rank; valid options: m.r"):
         build_options(_Opts, {"rank": "8"}, "m")
     with pytest.raises(OptionError, match="not a valid int"):
@@ -57,7 +66,8 @@ def test_options_coercion_and_errors() -> None:
     with pytest.raises(OptionError, match="r must be positive"):
         build_options(_Opts, {"r": "0"}, "m")
     assert parse_opt_flags(["lora.r=8", "fpt_plus.token_ratio=0.3"]) == {
-        "lora": {"r": "8"}, "fpt_plus": {"token_ratio": "0.3"}
+        "lora": {"r": "8"},
+        "fpt_plus": {"token_ratio": "0.3"},
     }
     with pytest.raises(OptionError, match="METHOD.KEY=VALUE"):
         parse_opt_flags(["r=8"])

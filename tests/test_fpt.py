@@ -9,16 +9,16 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from petlbench.datasets.source import DatasetSource, Sample, sample_id_for
-from petlbench.datasets.views import ViewDataset
-from petlbench.methods.fpt import FPT
-from petlbench.methods.fpt_plus import ABLATION_ROWS, FPTPlus
 from PIL import Image
 from torch.utils.data import default_collate
 
+from petlbench.datasets.source import DatasetSource, Sample, sample_id_for
+from petlbench.datasets.views import ViewDataset
 from petlbench.fpt_common import SideTuningModel, fusion_attention_maps, resolve_side_res
 from petlbench.lpm import FrozenLPM, explicit_block_forward, importance_scores, num_selected_tokens
 from petlbench.method import BackboneSpec, BuildContext, View, get_method
+from petlbench.methods.fpt import FPT
+from petlbench.methods.fpt_plus import ABLATION_ROWS, FPTPlus
 from petlbench.options import OptionError
 from petlbench.side_network import FinePromptFusion, MLPFusion, SidePromptFusion
 

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from petlbench.datasets.source import DatasetSource, Sample, sample_id_for
-from petlbench.datasets.views import ViewDataset
 from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 
+from petlbench.datasets.source import DatasetSource, Sample, sample_id_for
+from petlbench.datasets.views import ViewDataset
 from petlbench.fpt_common import SideTuningModel
 from petlbench.method import BackboneSpec, BuildContext, View, get_method
 from petlbench.options import OptionError

@@ -74,11 +74,11 @@ def make_record(
 def write_fixture(root: Path) -> ResultStore:
     """Write the fixture runs: two datasets, two weights, a failed run, an OOM run, a missing cell, ablations."""
     store = ResultStore(root)
-    power = {"available": True, "peak_w": 300.0, "mean_w": 250.0, "energy_j": 50_000.0, "interval_s": 0.1}
+    power = {"available": True, "power_peak_w": 300.0, "power_avg_w": 250.0, "energy_j": 50_000.0, "interval_s": 0.1}
     eff = {"fwd_gflops": 87.84, "flops_unit": "GMAC", "train_seconds": 1000.0, "train_images_per_s": 20.0,
            "power": power}
     fpt_eff = {**eff, "fwd_gflops": 0.06, "train_seconds": 90.0, "train_images_per_s": 350.0,
-               "power": {**power, "peak_w": 114.0, "mean_w": 107.0, "energy_j": 9_700.0},
+               "power": {**power, "power_peak_w": 114.0, "power_avg_w": 107.0, "energy_j": 9_700.0},
                "preload": {"preloaded": True, "preload_seconds": 30.0, "num_images": 1000, "cache_reused": False},
                "preload_seconds": 30.0, "preload_gflops_per_image": 87.84}
     records = [

@@ -158,8 +158,8 @@ def record_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "preload": eff.get("preload") if isinstance(eff.get("preload"), dict) else None,
         "power_available": power.get("available") if power else None,
         "power_reason": power.get("reason") if power else None,
-        "peak_power_w": _num(power.get("peak_w")),
-        "mean_power_w": _num(power.get("mean_w")),
+        "peak_power_w": _num(power.get("power_peak_w")),
+        "mean_power_w": _num(power.get("power_avg_w")),
         "energy_j": _num(power.get("energy_j")),
     }
 

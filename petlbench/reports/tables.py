@@ -282,7 +282,8 @@ def _preload_frame(builders: pd.DataFrame) -> pd.DataFrame:
             "run_id": run["run_id"], "status": FINISHED,
             "fwd_gflops": _first_number(info.get("fwd_gflops"), info.get("lpm_fwd_gflops"), run["preload_gflops"]),
             "train_seconds": seconds, "train_images_per_s": throughput,
-            "peak_power_w": _first_number(power.get("peak_w")), "mean_power_w": _first_number(power.get("mean_w")),
+            "peak_power_w": _first_number(power.get("power_peak_w")),
+            "mean_power_w": _first_number(power.get("power_avg_w")),
             "energy_j": _first_number(power.get("energy_j")),
             "power_available": power.get("available") if power else None, "power_reason": power.get("reason"),
         })

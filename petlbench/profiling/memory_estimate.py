@@ -1,0 +1,685 @@
+"""Peak training memory without a GPU: the real training step run on fake tensors (profiling.md §2).
+
+What it measures
+----------------
+The peak, over one steady-state training step (forward, loss, backward, clipping, AdamW step,
+`zero_grad(set_to_none=True)`, after the optimizer state exists), of the bytes held by live tensor
+storages on the device. That is the number `torch.cuda.max_memory_allocated()` reports for the same
+step, minus what a dispatch-level view cannot see (CUDA context, cuBLAS/cuDNN workspaces, buffers
+allocated inside fused kernels, allocator caching; profiling.md §2.5). It is an **estimate**, labelled
+as such in every record.
+
+How
+---
+The model is built on the meta device and its parameters are swapped for `FakeTensor`s (no data, no
+allocation). Inside `FakeTensorMode`, a `LiveStorageTracker` (a `TorchDispatchMode`) sees every ATen
+op's outputs; each new `UntypedStorage` adds its size, rounded up to 512 bytes for a CUDA target (the
+caching allocator's block size), to a running total, and a `weakref.finalize` on the storage subtracts
+it when autograd, the optimizer or the step drops the last reference. Storages are keyed by the storage
+object (a `WeakIdKeyDictionary`), never by `id()`, which is reused after a free.
+
+Two engines give byte-identical results (tested for every registered method): `engine="fake"` (the
+reference) runs everything on fake tensors; `engine="meta"` (default, ~3x faster) runs forward, loss,
+backward and clipping on the meta tensors themselves, with fused attention routed to the kernel a CPU
+tensor would pick, and takes the optimizer's state and temporaries from a fake-tensor optimizer step on
+the same parameter shapes (memoised across calls). With `warmup="prime"` (the default), the measured
+step's `optimizer.step()` is replaced by a stub that records the live bytes; the step's peak inside the
+optimizer is those bytes plus the temporaries the primed step allocated over its own steady live set
+(identical shapes, identical temporaries).
+
+Breakdown at the peak (bytes, summing to the peak): `parameters` (device-resident, trainable and
+frozen), `buffers`, `gradients` (labelled by a post-accumulate-grad hook), `optimizer_state` (AdamW
+`exp_avg`/`exp_avg_sq`, relabelled after each step), `optimizer_temporaries` (allocations made inside
+`optimizer.step()`), `method_state` (what a method's `after_optimizer_step` keeps, e.g. AdaLoRA's importance
+scores), `inputs` (views + labels), `preloaded_features` (FPT/FPT+ key/value batches) and
+`activations` (everything else: saved activations and transient temporaries).
+
+Warm-up: `warmup="full"` runs the whole step twice and reports the second (the first creates the
+optimizer state; its peak is kept as `first_step_peak_bytes`). `warmup="prime"` creates the optimizer
+state by one `optimizer.step()` on zero gradients instead of a full first step, then runs the measured
+step: the optimizer state is the only thing a first step leaves behind for the default methods, so the
+steady-state peak is the same and the estimate takes half the time; `after_optimizer_step(0)` is also
+run once on zero gradients so that state a method builds lazily (AdaLoRA's importance scores) exists, as
+after a real first step. Both modes give byte-identical results (tested for every registered method).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.attention import SDPBackend
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from petlbench.method import BackboneSpec, Method
+from petlbench.profiling.models import (
+    BatchSpec,
+    batch_spec,
+    build_meta,
+    fakeify,
+    make_context,
+    resident_tensor_ids,
+    set_attention,
+)
+from petlbench.step import MakeOptimizer, TrainStep, make_optimizer, train_step
+
+MIB = 2**20
+MEM_UNIT = "MiB (2^20 bytes)"
+CUDA_BLOCK = 512
+ACTIVATIONS = "activations"
+CATEGORIES = (
+    "parameters",
+    "buffers",
+    "gradients",
+    "optimizer_state",
+    "optimizer_temporaries",
+    "method_state",
+    "inputs",
+    "preloaded_features",
+    ACTIVATIONS,
+)
+
+
+def _storage(t: torch.Tensor) -> Any:
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+class LiveStorageTracker(TorchDispatchMode):
+    """Running total of live tensor-storage bytes with a labelled breakdown and its peak.
+
+    Use it *inside* a FakeTensorMode (enter the fake mode first) or on real tensors. `track(t, cat)`
+    registers tensors created outside the mode (parameters, the batch); every op output is tracked
+    automatically under `default_category`.
+    """
+
+    def __init__(self, round_to: int = CUDA_BLOCK) -> None:
+        super().__init__()
+        self.round_to = max(1, int(round_to))
+        self._serial: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._info: dict[int, list[Any]] = {}
+        self._next = 0
+        self.current = 0
+        self.peak = 0
+        self.totals: dict[str, int] = defaultdict(int)
+        self.peak_totals: dict[str, int] = {}
+        self.default_category = ACTIVATIONS
+        self.in_optimizer = False
+        self.peak_phase = "none"
+        self.closed = False
+        self.untracked_bytes = 0
+        self.host_scalars = False
+
+    def _rounded(self, nbytes: int) -> int:
+        r = self.round_to
+        return -(-nbytes // r) * r if r > 1 else nbytes
+
+    def _phase(self) -> str:
+        if self.in_optimizer:
+            return "optimizer"
+        return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+
+    def track(self, tensor: torch.Tensor, category: str | None = None) -> None:
+        """Count `tensor`'s storage if it is new (views, in-place results and aliases add nothing)."""
+        storage = _storage(tensor)
+        if storage is None or storage in self._serial:
+            return
+        if self.in_optimizer and self.host_scalars and tensor.dim() == 0 and category is None:
+            return  # AdamW's non-capturable `step` counters live on the host (see _attach_optimizer_hooks)
+        nbytes = self._rounded(int(storage.nbytes()))
+        serial = self._next
+        self._next += 1
+        cat = category or self.default_category
+        self._serial[storage] = serial
+        self._info[serial] = [nbytes, cat]
+        weakref.finalize(storage, self._free, serial)
+        self.current += nbytes
+        self.totals[cat] += nbytes
+        if self.current > self.peak:
+            self.peak = self.current
+            self.peak_totals = dict(self.totals)
+            self.peak_phase = self._phase()
+
+    def relabel(self, tensor: torch.Tensor | None, category: str) -> None:
+        """Move a tracked storage to another category (grads, optimizer state)."""
+        if tensor is None:
+            return
+        storage = _storage(tensor)
+        serial = self._serial.get(storage) if storage is not None else None
+        if serial is None:
+            self.track(tensor, category)
+            return
+        info = self._info[serial]
+        self.totals[info[1]] -= info[0]
+        self.totals[category] += info[0]
+        info[1] = category
+
+    def untrack(self, tensor: torch.Tensor) -> None:
+        """Stop counting a storage (it lives off the device, e.g. AdamW's host-side `step` counters)."""
+        storage = _storage(tensor)
+        serial = self._serial.get(storage) if storage is not None else None
+        if serial is not None and serial in self._info:
+            self.untracked_bytes += self._info[serial][0]
+            self._free(serial)
+
+    def _free(self, serial: int) -> None:
+        info = self._info.pop(serial, None)
+        if info is None or self.closed:
+            return
+        self.current -= info[0]
+        self.totals[info[1]] -= info[0]
+
+    def reset_peak(self) -> None:
+        """Start a new peak window at the current live total."""
+        self.peak = self.current
+        self.peak_totals = dict(self.totals)
+        self.peak_phase = "start"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+@dataclass
+class MemoryEstimate:
+    """Result of one estimate; `to_dict()` gives the JSON record (MiB fields carry `_mb`)."""
+
+    peak_bytes: int
+    breakdown_bytes: dict[str, int]
+    step_start_bytes: int
+    first_step_peak_bytes: int | None
+    peak_phase: str
+    attention: str
+    target: str
+    round_to: int
+    optimizer: str
+    warmup: str
+    batch_source: str
+    batch_shapes: dict[str, list[int]]
+    placement: str
+    build: str = "meta"
+    engine: str = "meta"
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    train_flops: dict[str, int] | None = None  # FlopCounterMode counts of the measured step (2 per MAC)
+
+    @property
+    def step_peak_increase_bytes(self) -> int:
+        """Peak minus the bytes live when the measured step started (what a CPU profiler sees)."""
+        return self.peak_bytes - self.step_start_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly record."""
+        return {
+            "est_peak_mem_mb": self.peak_bytes / MIB,
+            "est_breakdown_mb": {k: self.breakdown_bytes.get(k, 0) / MIB for k in CATEGORIES},
+            "est_first_step_peak_mem_mb": (
+                self.first_step_peak_bytes / MIB if self.first_step_peak_bytes is not None else None
+            ),
+            "est_peak_phase": self.peak_phase,
+            "est_peak_bytes": self.peak_bytes,
+            "mem_unit": MEM_UNIT,
+            "mem_kind": "estimate (data-less replay of the training step on meta/fake tensors; "
+            "no CUDA context or workspaces)",
+            "attention": self.attention,
+            "est_target": self.target,
+            "est_round_to_bytes": self.round_to,
+            "est_optimizer": self.optimizer,
+            "est_warmup": self.warmup,
+            "batch_source": self.batch_source,
+            "batch_shapes": self.batch_shapes,
+            "est_placement": self.placement,
+            "est_build": self.build,
+            "est_engine": self.engine,
+            "est_notes": list(self.notes),
+            "est_seconds": self.seconds,
+        }
+
+
+def _distinct(params: Any) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    getter = getattr(model, "trainable_parameters", None)
+    params = getter() if callable(getter) else [p for p in model.parameters() if p.requires_grad]
+    return _distinct(params)
+
+
+class _ForwardSplit:
+    """Reads a FlopCounterMode's running total when the root forward starts and ends."""
+
+    def __init__(self, model: nn.Module, counter: Any) -> None:
+        self.counter = counter
+        self.start = self.end = None
+        self.handles = [
+            model.register_forward_pre_hook(self._pre),
+            model.register_forward_hook(self._post),
+        ]
+
+    def _pre(self, *_: Any) -> None:
+        if self.start is None:
+            self.start = self.counter.get_total_flops()
+
+    def _post(self, *_: Any) -> None:
+        self.end = self.counter.get_total_flops()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class _MetaSDPA(TorchFunctionMode):
+    """On meta tensors, run `F.scaled_dot_product_attention` through the kernel the CPU would pick.
+
+    The meta device has no fused-attention selector, so its composite falls back to the math path
+    (which materialises the attention map). This mode asks `torch._fused_sdp_choice` what a CPU tensor
+    of the same rank, dtype and flags would use and, for flash, calls
+    `aten._scaled_dot_product_flash_attention_for_cpu` directly: the same op (and saved tensors) a
+    fake-tensor CPU run records.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._choice: dict[tuple[Any, ...], int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and args and args[0].is_meta:
+            q, k, v = args[:3]
+            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+            dropout = args[4] if len(args) > 4 else kwargs.get("dropout_p", 0.0)
+            causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
+            scale = args[6] if len(args) > 6 else kwargs.get("scale")
+            gqa = args[7] if len(args) > 7 else kwargs.get("enable_gqa", False)
+            if self._cpu_choice(q, k, v, mask, dropout, causal, gqa) == SDPBackend.FLASH_ATTENTION.value:
+                return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q, k, v, dropout, causal, attn_mask=mask, scale=scale
+                )[0]
+        return func(*args, **kwargs)
+
+    def _cpu_choice(self, q, k, v, mask, dropout, causal, gqa) -> int:  # noqa: ANN001
+        key = (
+            tuple(t.dim() for t in (q, k, v)), q.dtype, tuple(t.requires_grad for t in (q, k, v)),
+            None if mask is None else (mask.dim(), mask.dtype), float(dropout), bool(causal), bool(gqa),
+            q.shape[-1], v.shape[-1],
+        )
+        if key not in self._choice:
+            def small(t: torch.Tensor) -> torch.Tensor:
+                shape = [min(int(n), 4) for n in t.shape[:-1]] + [int(t.shape[-1])]
+                return torch.zeros(shape, dtype=t.dtype, requires_grad=t.requires_grad)
+
+            with torch.no_grad():
+                sq, sk, sv = small(q), small(k), small(v)
+                for t in (sq, sk, sv):
+                    t.requires_grad_(bool(t.requires_grad))
+                smask = None if mask is None else torch.zeros(
+                    [min(int(n), 4) for n in mask.shape], dtype=mask.dtype
+                )
+            self._choice[key] = int(
+                torch._fused_sdp_choice(sq, sk, sv, smask, float(dropout), bool(causal), enable_gqa=bool(gqa))
+            )
+        return self._choice[key]
+
+
+# Optimizer priming results, keyed by the trainable shapes and the optimizer configuration (see `_prime_on_fakes`).
+StateSpec = list[list[tuple[str, tuple[int, ...], tuple[int, ...], torch.dtype, bool]]]
+_PRIME_MEMO: dict[tuple[Any, ...], tuple[int, StateSpec]] = {}
+
+
+def _prime_on_fakes(
+    params: list[nn.Parameter], make_opt: MakeOptimizer, foreach: bool, target: str, round_to: int
+) -> tuple[int, StateSpec]:
+    """Run the optimizer's first step on fake stand-ins of `params` (zero gradients).
+
+    Returns (the step's transient bytes over its steady-state live set, and per parameter the state
+    tensors it created as (key, shape, stride, dtype, on_device)). Optimizer state and temporaries depend
+    only on the parameters' shapes and dtypes, so results are memoised on them.
+    """
+    key = (
+        tuple((tuple(p.shape), tuple(p.stride()), p.dtype) for p in params),
+        getattr(make_opt, "__qualname__", repr(make_opt)), foreach, target, round_to,
+    )
+    if key in _PRIME_MEMO:
+        return _PRIME_MEMO[key]
+    fake_mode = FakeTensorMode()
+    with fake_mode:
+        fakes = [
+            nn.Parameter(torch.empty_strided(tuple(p.shape), tuple(p.stride()), dtype=p.dtype), requires_grad=True)
+            for p in params
+        ]
+        optimizer = make_opt(fakes, foreach=foreach)
+        tracker = LiveStorageTracker(round_to)
+        _attach_optimizer_hooks(optimizer, tracker, target)
+        with tracker:
+            for p in fakes:
+                tracker.track(p, "parameters")
+            increase = _prime_optimizer(optimizer, fakes, tracker)
+        tracker.closed = True
+        states = []
+        device_step = _device_step(optimizer)
+        for p in fakes:
+            entries = []
+            for name, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    on_device = not (name == "step" and target == "cuda" and value.dim() == 0 and not device_step)
+                    entries.append((name, tuple(value.shape), tuple(value.stride()), value.dtype, on_device))
+            states.append(entries)
+    _PRIME_MEMO[key] = (increase, states)
+    return increase, states
+
+
+def _attach_optimizer_hooks(optimizer: torch.optim.Optimizer, tracker: LiveStorageTracker, target: str) -> list[Any]:
+    """Label allocations inside `optimizer.step()` as temporaries and, after it, its state as state."""
+
+    def enter(*_: Any) -> None:
+        tracker.in_optimizer = True
+        tracker.default_category = "optimizer_temporaries"
+        # Predicting a CUDA run: scalars created inside a non-capturable, non-fused step (AdamW's `step`
+        # counters) are host tensors and never reach the device.
+        tracker.host_scalars = target == "cuda" and not _device_step(optimizer)
+
+    def leave(*_: Any) -> None:
+        tracker.in_optimizer = False
+        tracker.default_category = ACTIVATIONS
+        for state in optimizer.state.values():
+            for key, value in state.items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if key == "step" and target == "cuda" and value.dim() == 0 and not _device_step(optimizer):
+                    tracker.untrack(value)  # AdamW keeps non-capturable step counters on the host
+                else:
+                    tracker.relabel(value, "optimizer_state")
+
+    return [optimizer.register_step_pre_hook(enter), optimizer.register_step_post_hook(leave)]
+
+
+def estimate_model_memory(
+    model: nn.Module,
+    spec: BatchSpec,
+    *,
+    attention: str = "auto",
+    target: str = "cuda",
+    round_to: int | None = None,
+    optimizer_foreach: bool | None = None,
+    warmup: str = "prime",
+    engine: str = "meta",
+    train_step_fn: TrainStep | None = None,
+    make_optimizer_fn: MakeOptimizer | None = None,
+    count_flops: bool = False,
+    resident: set[int] | None = None,
+    placement: str = "",
+    build: str = "meta",
+    notes: list[str] | None = None,
+) -> MemoryEstimate:
+    """Estimate the steady-state peak of one training step of a **meta-device** `model`.
+
+    Pass a throwaway instance: the model is switched to the requested attention and, with
+    `engine="fake"`, its tensors are replaced by fakes.
+
+    * `target="cuda"` predicts a CUDA run (512-byte blocks, AdamW `foreach=True`, host-side `step`
+      counters not counted); `target="cpu"` models the CPU run (no rounding, for-loop AdamW).
+    * `engine="fake"` (the reference) runs the whole step on `FakeTensor`s; `engine="meta"` runs forward,
+      loss, backward and clipping on the meta tensors themselves (C++ meta kernels, several times
+      faster), with fused attention routed to the kernel a CPU tensor would use (`_MetaSDPA`), and takes
+      the optimizer's state and temporaries from a fake-tensor priming step on the same parameter shapes
+      (memoised). Both give byte-identical peaks (tested); `engine="meta"` requires `warmup="prime"`.
+    * `resident` = ids of the meta tensors `place()` keeps on the device (default: `resident_tensor_ids`).
+    * `count_flops`: the measured step also runs under `FlopCounterMode`; `train_flops` holds its
+      forward/backward totals (torch convention, 2 FLOPs per multiply-add).
+    """
+    if target not in ("cuda", "cpu"):
+        raise ValueError(f"target must be cuda or cpu, not {target!r}")
+    if warmup not in ("full", "prime"):
+        raise ValueError(f"warmup must be full or prime, not {warmup!r}")
+    if engine not in ("meta", "fake"):
+        raise ValueError(f"engine must be meta or fake, not {engine!r}")
+    if engine == "meta" and warmup != "prime":
+        raise ValueError("engine='meta' needs warmup='prime' (the optimizer cannot step on meta tensors)")
+    started = time.perf_counter()
+    notes = list(notes or []) + list(spec.notes)
+    if resident is None:
+        resident, placement = resident_tensor_ids(model)
+    round_to = (CUDA_BLOCK if target == "cuda" else 1) if round_to is None else round_to
+    foreach = (target == "cuda") if optimizer_foreach is None else optimizer_foreach
+    step_fn = train_step_fn or train_step
+    make_opt = make_optimizer_fn or make_optimizer
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    resident_names = {name for name, t in named if id(t) in resident}
+
+    if engine == "fake":
+        mode: Any = FakeTensorMode()
+        fakeify(model, mode)
+        device = "cpu"
+    else:
+        mode = _MetaSDPA()
+        device = "meta"
+    used_attention = set_attention(model, attention)
+    tracker = LiveStorageTracker(round_to)
+    first_peak: int | None = None
+    flops: dict[str, int] | None = None
+    at_step: dict[str, Any] = {}
+    with mode:
+        model.train()
+        params = _trainable(model)
+        optimizer = make_opt(params, foreach=foreach)
+        if engine == "meta":  # outside the tracker: the priming's own tensors are not the step's
+            primed = _prime_on_fakes(params, make_opt, foreach, target, round_to)
+        handles = [
+            p.register_post_accumulate_grad_hook(lambda p: tracker.relabel(p.grad, "gradients")) for p in params
+        ]
+        if engine == "fake":
+            handles += _attach_optimizer_hooks(optimizer, tracker, target)
+        method_hook = _label_method_hook(model, tracker)
+        with tracker:
+            for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
+                if name in resident_names:
+                    tracker.track(t, "parameters" if isinstance(t, nn.Parameter) else "buffers")
+            batch = spec.materialize(device)
+            for key, (_, _, category) in spec.entries.items():
+                tracker.relabel(batch[key], category)
+            state_replicas: list[torch.Tensor] = []
+            optimizer_increase: int | None = None
+            if warmup == "full":
+                tracker.reset_peak()
+                step_fn(model, batch, optimizer, global_step=0)
+                first_peak = tracker.peak
+            elif engine == "fake":
+                optimizer_increase = _prime_optimizer(optimizer, params, tracker)
+            else:
+                optimizer_increase, states = primed
+                for entries in states:
+                    for _, shape, stride, dtype, on_device in entries:
+                        if on_device:
+                            replica = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+                            tracker.relabel(replica, "optimizer_state")
+                            state_replicas.append(replica)
+            if optimizer_increase is not None and method_hook:
+                _prime_method_state(model, params, tracker)
+            if optimizer_increase is not None:
+
+                def step_stub(*_: Any, **__: Any) -> None:
+                    at_step["live"], at_step["totals"] = tracker.current, dict(tracker.totals)
+
+                optimizer.step = step_stub  # the measured step reuses the primed step's temporaries
+            tracker.reset_peak()
+            start = tracker.current
+            if count_flops:
+                from torch.utils.flop_counter import FlopCounterMode
+
+                counter = FlopCounterMode(display=False)
+                split = _ForwardSplit(model, counter)
+                with counter:
+                    step_fn(model, batch, optimizer, global_step=1)
+                split.remove()
+                total = int(counter.get_total_flops())
+                fwd = int((split.end or 0) - (split.start or 0))
+                flops = {"forward": fwd, "backward": total - fwd, "total": total, "batch_size": _batch_size(spec)}
+            else:
+                step_fn(model, batch, optimizer, global_step=1)
+            if optimizer_increase is not None:
+                del optimizer.step
+                if "live" not in at_step:
+                    raise RuntimeError("warmup='prime' needs a train_step that calls optimizer.step()")
+                if at_step["live"] + optimizer_increase > tracker.peak:
+                    tracker.peak = at_step["live"] + optimizer_increase
+                    tracker.peak_totals = dict(at_step["totals"])
+                    tracker.peak_totals["optimizer_temporaries"] = (
+                        tracker.peak_totals.get("optimizer_temporaries", 0) + optimizer_increase
+                    )
+                    tracker.peak_phase = "optimizer"
+            peak, peak_totals, phase = tracker.peak, dict(tracker.peak_totals), tracker.peak_phase
+        for h in handles:
+            h.remove()
+        if method_hook:
+            del model.after_optimizer_step
+    tracker.closed = True
+    if engine == "fake":
+        not_fake = [n for n, p in model.named_parameters() if not _is_fake(p)]
+        if not_fake:
+            raise RuntimeError(f"estimator guard: parameters {not_fake[:3]} are not fake tensors")
+    else:
+        real = [n for n, p in model.named_parameters() if not p.is_meta]
+        if real:
+            raise RuntimeError(f"estimator guard: parameters {real[:3]} are not meta tensors")
+    breakdown = {k: int(peak_totals.get(k, 0)) for k in CATEGORIES}
+    breakdown.update({k: int(v) for k, v in peak_totals.items() if k not in breakdown})
+    return MemoryEstimate(
+        peak_bytes=int(peak),
+        breakdown_bytes=breakdown,
+        step_start_bytes=int(start),
+        first_step_peak_bytes=None if first_peak is None else int(first_peak),
+        peak_phase=phase,
+        attention=used_attention,
+        target=target,
+        round_to=round_to,
+        optimizer=f"{type(optimizer).__name__}(foreach={foreach})",
+        warmup=warmup,
+        batch_source=spec.source,
+        batch_shapes=spec.shapes(),
+        placement=placement,
+        build=build,
+        engine=engine,
+        notes=notes,
+        seconds=time.perf_counter() - started,
+        train_flops=flops,
+    )
+
+
+def _device_step(optimizer: torch.optim.Optimizer) -> bool:
+    group = optimizer.param_groups[0] if optimizer.param_groups else {}
+    return bool(group.get("capturable") or group.get("fused"))
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def _batch_size(spec: BatchSpec) -> int:
+    return int(spec.entries["label"][0][0]) if "label" in spec.entries else 1
+
+
+def _label_method_hook(model: nn.Module, tracker: LiveStorageTracker) -> bool:
+    """Label what `model.after_optimizer_step` allocates as "method_state" (AdaLoRA's importance scores)."""
+    hook = getattr(model, "after_optimizer_step", None)
+    if not callable(hook):
+        return False
+
+    def labelled(global_step: int) -> Any:
+        previous = tracker.default_category
+        tracker.default_category = "method_state"
+        try:
+            return hook(global_step)
+        finally:
+            tracker.default_category = previous
+
+    model.after_optimizer_step = labelled  # instance attribute, removed after the estimate
+    return True
+
+
+@torch.no_grad()
+def _prime_method_state(model: nn.Module, params: list[nn.Parameter], tracker: LiveStorageTracker) -> None:
+    """What the first step's `after_optimizer_step(0)` leaves behind, created on zero gradients (prime mode)."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+        tracker.relabel(p.grad, "gradients")
+    model.after_optimizer_step(0)
+    for p in params:
+        p.grad = None
+
+
+@torch.no_grad()
+def _prime_optimizer(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], tracker: LiveStorageTracker) -> int:
+    """Create the optimizer state with one step on zero gradients, drop the gradients, and return the
+    step's transient bytes over its steady-state live set (state included), i.e. what a later step on
+    gradients of the same shapes allocates on top of what is live when it starts."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+        tracker.relabel(p.grad, "gradients")
+    tracker.reset_peak()
+    tracker.untracked_bytes = 0
+    optimizer.step()
+    increase = tracker.peak - tracker.current - tracker.untracked_bytes
+    optimizer.zero_grad(set_to_none=True)
+    return max(0, int(increase))
+
+
+def estimate_training_memory(
+    method: Method,
+    backbone: BackboneSpec,
+    res: int,
+    batch_size: int,
+    num_classes: int = 5,
+    *,
+    attention: str = "auto",
+    target: str = "cuda",
+    warmup: str = "prime",
+    engine: str = "meta",
+    count_flops: bool = False,
+    train_step_fn: TrainStep | None = None,
+    make_optimizer_fn: MakeOptimizer | None = None,
+    round_to: int | None = None,
+) -> MemoryEstimate:
+    """Build `method` for `backbone` at `res` on the meta device and estimate its training-step peak."""
+    ctx = make_context(backbone, res, num_classes, attention)
+    model, build = build_meta(method, ctx)
+    spec = batch_spec(model, method, res, batch_size, num_classes)
+    resident, placement = resident_tensor_ids(model)
+    return estimate_model_memory(
+        model,
+        spec,
+        attention=attention,
+        target=target,
+        warmup=warmup,
+        engine=engine,
+        count_flops=count_flops,
+        train_step_fn=train_step_fn,
+        make_optimizer_fn=make_optimizer_fn,
+        resident=resident,
+        placement=placement,
+        build=build,
+        round_to=round_to,
+    )

@@ -1,0 +1,509 @@
+"""Orchestration: per-method efficiency profiles, memory-vs-resolution sweeps, the trainer's per-run
+efficiency record and the CPU benchmark (`petlbench bench`).
+
+Units in every record: memory in MiB (2^20 bytes, fields `*_mb`), FLOPs in GFLOPs per image with one
+fused multiply-add = one FLOP (`flops_unit`), throughput in images/s, power in W, energy in J.
+Estimated fields start with `est_`; measured fields start with `measured_`, `nvml_` or `train_images_`;
+unavailable measurements are None with a reason, never zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from petlbench.method import BackboneSpec, BuildContext, Method, get_method, method_keys
+from petlbench.profiling.flops import (
+    FLOPS_RULE,
+    FLOPS_UNIT,
+    fvcore_forward,
+    to_gflops_per_image,
+    torch_forward,
+)
+from petlbench.profiling.memory_estimate import MIB, estimate_model_memory, estimate_training_memory
+from petlbench.profiling.models import (
+    BatchSpec,
+    _preload_active,
+    batch_spec,
+    build_meta,
+    describe_attention,
+    make_context,
+    materialize_cpu,
+    meta_clone,
+    resident_tensor_ids,
+    set_attention,
+    structure_signature,
+)
+from petlbench.step import TrainStep, make_optimizer
+
+ATTN_IMPL = {"fused": "sdpa", "explicit": "eager", "mixed": "mixed", "none": "none"}
+_FWD_MEMO: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def parse_method_keys(methods: str | Sequence[str]) -> list[str]:
+    """'all' (every registered method, papers' order) or comma-separated / listed keys, validated."""
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    methods = list(methods)
+    if methods == ["all"]:
+        return method_keys()
+    for key in methods:
+        get_method(key)  # unknown keys raise with suggestions
+    return list(dict.fromkeys(methods))
+
+
+def make_method(key: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> Method:
+    """Method `key` with its `--opt` overrides from `options[key]`."""
+    return get_method(key).from_overrides(dict((options or {}).get(key, {})))
+
+
+def parse_mem(text: str | int | float | None) -> int | None:
+    """Bytes from "48GB", "48GiB", "80 GB", "24576MB" or a number (GB = GiB = 2^30: GPU sizes are binary)."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else int(text)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"memory size {text!r}: use e.g. 48GB, 80GiB or 24576MB")
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[match.group(2).upper()]
+    return int(float(match.group(1)) * scale)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> cuda if available else cpu."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _with_option(method: Method, **changes: Any) -> Method:
+    return type(method)(dataclasses.replace(method.options, **changes))
+
+
+class _LpmAdapter(nn.Module):
+    """`batch["images"]` -> the LPM's feature tensors as a tuple (fvcore traces tuple outputs)."""
+
+    def __init__(self, lpm: nn.Module) -> None:
+        super().__init__()
+        self.lpm = lpm
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        features = self.lpm(batch["images"])
+        return tuple(features[k] for k in sorted(features))
+
+
+def _forward_counts(model: nn.Module, spec1: BatchSpec, res: int, preload: bool) -> dict[str, Any]:
+    """fvcore (+handles) and FlopCounterMode forward counts of a meta model at batch 1; consumes `model`."""
+    torch_fwd = torch_forward(model, spec1.materialize("meta"))
+    materialize_cpu(model)
+    fv = fvcore_forward(model, spec1.materialize("cpu"))
+    out: dict[str, Any] = {
+        "fwd_gflops": to_gflops_per_image(fv["total"], 1),
+        "torch_fwd_gflops": to_gflops_per_image(torch_fwd / 2, 1),
+        "flops_by_operator": {k: to_gflops_per_image(v, 1) for k, v in sorted(fv["by_operator"].items())},
+        "flops_skipped_ops": sorted(fv["skipped_ops"]),
+        "flops_counter": "fvcore + petlbench handles (attention counted)",
+    }
+    if preload:
+        lpm = model.lpm
+        images = {"images": torch.zeros(1, 3, res, res)}
+        out["preload_gflops_per_image"] = to_gflops_per_image(fvcore_forward(_LpmAdapter(lpm), images)["total"], 1)
+    return out
+
+
+def forward_flops(
+    method: Method, backbone: BackboneSpec, res: int, num_classes: int = 5, attention: str = "auto"
+) -> dict[str, Any]:
+    """Forward GFLOPs per image (fvcore + handles; FlopCounterMode cross-check), memoised on the model's
+    structure. For FPT/FPT+ with preloading, also the one-off preload cost: the LPM's feature-extraction
+    forward per image (`preload_gflops_per_image`)."""
+    ctx = make_context(backbone, res, num_classes, attention)
+    model, _ = build_meta(method, ctx)
+    spec1 = batch_spec(model, method, res, 1, num_classes)
+    set_attention(model, attention)
+    preload = _preload_active(method, model)
+    key = structure_signature(model, spec1, method.resolved_options())
+    if key not in _FWD_MEMO:
+        _FWD_MEMO[key] = _forward_counts(model, spec1, res, preload)
+    return dict(_FWD_MEMO[key])
+
+
+def _flops_fields(fwd: dict[str, Any], train_flops: dict[str, int] | None) -> dict[str, Any]:
+    out = {k: v for k, v in fwd.items()}
+    out["flops_unit"] = FLOPS_UNIT
+    out["flops_rule"] = FLOPS_RULE
+    if train_flops:
+        batch = train_flops["batch_size"]
+        out["bwd_gflops"] = to_gflops_per_image(train_flops["backward"] / 2, batch)
+        out["train_step_gflops"] = fwd["fwd_gflops"] + out["bwd_gflops"]
+        out["torch_train_step_gflops"] = to_gflops_per_image(train_flops["total"] / 2, batch)
+    else:
+        out["bwd_gflops"] = out["train_step_gflops"] = out["torch_train_step_gflops"] = None
+    if fwd.get("preload_gflops_per_image") is not None:
+        # Without preloading the LPM runs every step under no_grad: its forward is added, no backward.
+        out["fwd_gflops_no_preload"] = fwd["fwd_gflops"] + fwd["preload_gflops_per_image"]
+        if out["train_step_gflops"] is not None:
+            out["train_step_gflops_no_preload"] = out["train_step_gflops"] + fwd["preload_gflops_per_image"]
+    return out
+
+
+def _params(method: Method, backbone: BackboneSpec, res: int, num_classes: int) -> dict[str, Any]:
+    model, build = build_meta(method, make_context(backbone, res, num_classes))
+    trainable, total = model.param_report()
+    return {"trainable": trainable, "total": total, "ratio_pct": 100.0 * trainable / total, "param_build": build}
+
+
+# ----------------------------------------------------------------------------------------- profile
+def profile_methods(
+    method_keys: str | Sequence[str],
+    backbone: BackboneSpec,
+    res: int,
+    batch_size: int,
+    num_classes: int = 5,
+    measure: bool = False,
+    device: str | torch.device = "auto",
+    attention: str = "auto",
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    target: str = "cuda",
+    measure_steps: int = 3,
+    measure_warmup: int = 2,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One efficiency record per method (see the module docstring for units).
+
+    Always (no real memory, any machine): `method`, `name`, `trainable`, `total`, `ratio_pct`,
+    `fwd_gflops`, `train_step_gflops`, `flops_unit`, `est_peak_mem_mb`, `est_breakdown_mb`, `attention`
+    (+ `attn_impl`, FlopCounterMode cross-checks, estimator metadata). FPT/FPT+ with preloading add
+    `preload_gflops_per_image`, `fwd_gflops_no_preload`, `train_step_gflops_no_preload` and
+    `est_peak_mem_mb_no_preload`. With `measure`: a few real steps on `device`:
+    `measured_peak_allocated_mb`, `measured_peak_reserved_mb`, `nvml_process_mem_mb`,
+    `train_images_per_s`, `power` (None fields + reason off CUDA).
+    """
+    keys = parse_method_keys(method_keys)
+    rows = []
+    for key in keys:
+        started = time.perf_counter()
+        method = make_method(key, options)
+        row: dict[str, Any] = {
+            "method": key, "name": method.display_name, "backbone": backbone.name, "res": res,
+            "batch_size": batch_size, "num_classes": num_classes, "options": method.resolved_options(),
+        }
+        row.update(_params(method, backbone, res, num_classes))
+        est = estimate_training_memory(
+            method, backbone, res, batch_size, num_classes, attention=attention, target=target, count_flops=True
+        )
+        row.update(est.to_dict())
+        row["attn_impl"] = ATTN_IMPL.get(est.attention, est.attention)
+        row.update(_flops_fields(forward_flops(method, backbone, res, num_classes, attention), est.train_flops))
+        if row.get("preload_gflops_per_image") is not None and hasattr(method.options, "preload"):
+            online = estimate_training_memory(
+                _with_option(method, preload=False), backbone, res, batch_size, num_classes,
+                attention=attention, target=target,
+            )
+            row["est_peak_mem_mb_no_preload"] = online.peak_bytes / MIB
+        if measure:
+            row.update(measure_method(method, backbone, res, batch_size, num_classes, device, attention,
+                                      steps=measure_steps, warmup=measure_warmup))
+        row["profile_seconds"] = time.perf_counter() - started
+        if log is not None:
+            log(f"{key}: {row['profile_seconds']:.1f}s")
+        rows.append(row)
+    return rows
+
+
+def build_real(
+    method: Method, backbone: BackboneSpec, res: int, batch_size: int, num_classes: int,
+    device: torch.device, attention: str = "auto",
+) -> tuple[nn.Module, dict[str, torch.Tensor], BatchSpec]:
+    """A real (randomly initialised) model placed on `device` and one random batch on it, in the state a
+    training run would have (FPT/FPT+ preloaded when their options say so)."""
+    ctx = make_context(backbone, res, num_classes, attention, device=device)
+    model = method.build(ctx)
+    spec = batch_spec(model, method, res, batch_size, num_classes)  # switches FPT to preloaded mode
+    set_attention(model, attention)
+    model.place(device) if hasattr(model, "place") else model.to(device)
+    batch = spec.materialize(device, random=True)
+    return model, batch, spec
+
+
+def measure_method(
+    method: Method, backbone: BackboneSpec, res: int, batch_size: int, num_classes: int = 5,
+    device: str | torch.device = "auto", attention: str = "auto", steps: int = 3, warmup: int = 2,
+    train_step_fn: TrainStep | None = None,
+) -> dict[str, Any]:
+    """Real timed training steps of `method` on `device`: throughput, CUDA peaks, NVML memory, power."""
+    from petlbench.profiling.timing import measure_steps as _measure
+
+    device = resolve_device(device)
+    model, batch, _ = build_real(method, backbone, res, batch_size, num_classes, device, attention)
+    optimizer = make_optimizer(model.trainable_parameters())
+    result = _measure(model, batch, optimizer, steps=steps, warmup=warmup, train_step_fn=train_step_fn,
+                      power=True, device=device)
+    result["measure_device"] = str(device)
+    result.pop("device", None)
+    del model, optimizer, batch
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+# ----------------------------------------------------------------------------------------- sweep
+def memory_sweep(
+    method_keys: str | Sequence[str],
+    backbone: BackboneSpec,
+    resolutions: Sequence[int],
+    batch_size: int,
+    gpu_mem_bytes: int | str | None = None,
+    num_classes: int = 5,
+    attention: str = "auto",
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    target: str = "cuda",
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Estimated training-step peak per method and resolution (fake-tensor replay, no real memory).
+
+    Rows: `method`, `res`, `est_peak_mem_mb` (MiB), `exceeds_budget` (bool, None without a budget),
+    `est_breakdown_mb`, `attention`, `est_peak_phase`, `batch_size`, `backbone`, `mem_unit`. A configuration
+    that cannot be built (e.g. a resolution not divisible by the patch size) gives None + `error`.
+    """
+    budget = parse_mem(gpu_mem_bytes)
+    rows = []
+    for key in parse_method_keys(method_keys):
+        method = make_method(key, options)
+        for res in resolutions:
+            started = time.perf_counter()
+            row: dict[str, Any] = {"method": key, "res": int(res), "batch_size": batch_size, "backbone": backbone.name}
+            try:
+                est = estimate_training_memory(method, backbone, int(res), batch_size, num_classes,
+                                               attention=attention, target=target)
+            except Exception as error:  # noqa: BLE001 - one bad cell must not stop the sweep
+                row.update({"est_peak_mem_mb": None, "exceeds_budget": None, "est_breakdown_mb": None,
+                            "error": f"{type(error).__name__}: {error}"})
+            else:
+                d = est.to_dict()
+                row.update({
+                    "est_peak_mem_mb": d["est_peak_mem_mb"],
+                    "exceeds_budget": None if budget is None else est.peak_bytes > budget,
+                    "est_breakdown_mb": d["est_breakdown_mb"],
+                    "attention": d["attention"],
+                    "est_peak_phase": d["est_peak_phase"],
+                    "batch_source": d["batch_source"],
+                    "mem_unit": d["mem_unit"],
+                })
+            row["gpu_mem_mb"] = None if budget is None else budget / MIB
+            row["est_seconds"] = time.perf_counter() - started
+            if log is not None:
+                log(f"{key} @ {res}px: {row['est_peak_mem_mb']} MiB ({row['est_seconds']:.1f}s)")
+            rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- trainer
+def run_efficiency(
+    model: nn.Module,
+    method: Method,
+    ctx: BuildContext,
+    batch_size: int,
+    device: torch.device | str,
+    *,
+    target: str = "cuda",
+    train_step_fn: TrainStep | None = None,
+    flops: bool = True,
+) -> dict[str, Any]:
+    """Estimated peak memory and FLOPs of exactly this run's model and configuration (called once per run,
+    after `prepare_data` and `place`). Works from a meta-device structural copy of `model`; the trainer's
+    model is not touched. Keys: `est_peak_mem_mb`, `est_breakdown_mb`, `est_*` metadata, `attention`,
+    `attn_impl`, `fwd_gflops`, `train_step_gflops`, `flops_unit` (+ `preload_gflops_per_image` for
+    preloading FPT/FPT+), `efficiency_seconds`, and `efficiency_error` if something could not be computed.
+    """
+    started = time.perf_counter()
+    out: dict[str, Any] = {"est_device": str(device)}
+
+    def clone() -> tuple[nn.Module, str]:
+        try:
+            return meta_clone(model), "meta clone of the run's model"
+        except Exception:  # noqa: BLE001 - fall back to a fresh meta build of the same configuration
+            fresh, how = build_meta(method, ctx)
+            return fresh, f"fresh build ({how})"
+
+    try:
+        est_model, how = clone()
+        spec = batch_spec(est_model, method, ctx.res, batch_size, ctx.num_classes)
+        resident, placement = resident_tensor_ids(est_model)
+        est = estimate_model_memory(
+            est_model, spec, attention="auto", target=target, count_flops=flops, train_step_fn=train_step_fn,
+            resident=resident, placement=placement, build=how,
+        )
+        out.update(est.to_dict())
+        out["attn_impl"] = ATTN_IMPL.get(est.attention, est.attention)
+        if flops:
+            fwd_model, _ = clone()
+            spec1 = batch_spec(fwd_model, method, ctx.res, 1, ctx.num_classes)
+            fwd = _forward_counts(fwd_model, spec1, ctx.res, _preload_active(method, fwd_model))
+            out.update(_flops_fields(fwd, est.train_flops))
+    except Exception as error:  # noqa: BLE001 - efficiency numbers must never fail a training run
+        out["efficiency_error"] = f"{type(error).__name__}: {error}"
+        out.setdefault("est_peak_mem_mb", None)
+    out["efficiency_seconds"] = time.perf_counter() - started
+    return out
+
+
+# ----------------------------------------------------------------------------------------- bench
+def run_bench(
+    methods: str | Sequence[str] = "all",
+    backbone: BackboneSpec | None = None,
+    res: int = 224,
+    batch_size: int = 8,
+    num_classes: int = 5,
+    steps: int = 3,
+    warmup: int = 1,
+    out_md: str | Path = "reports/bench.md",
+    out_json: str | Path = "results/bench.json",
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    log: Callable[[str], None] | None = None,
+    bench_threads: int = 1,
+) -> dict[str, Any]:
+    """Efficiency comparison on this machine (CPU): ratios of every method to full fine-tuning.
+
+    Per method: estimated peak (CUDA target, what a GPU run would allocate), measured CPU peak of one
+    steady-state step (the CPU allocator's profiler events, single thread) next to the estimator's CPU-target
+    prediction of the same quantity, train-step and forward GFLOPs, and real step throughput measured in
+    this process. Writes a Markdown table to `out_md` and the rows to `out_json`. Runs with `bench_threads`
+    intra-op threads (1: the CPU allocator comparison needs it, and timings on a shared 2-core machine are
+    otherwise at the mercy of OpenMP oversubscription).
+    """
+    backbone = backbone or BackboneSpec("vit_tiny_patch16_224")
+    device = torch.device("cpu")
+    keys = parse_method_keys(methods)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(bench_threads)  # one thread: immune to OpenMP oversubscription on shared machines
+    try:
+        rows = _bench_rows(keys, backbone, res, batch_size, num_classes, steps, warmup, options, device, log)
+    finally:
+        torch.set_num_threads(threads)
+    base = next((r for r in rows if r["method"] == "full_ft"), rows[0] if rows else None)
+
+    def ratio(row: dict[str, Any], field: str) -> float | None:
+        a, b = row.get(field), base.get(field) if base else None
+        return a / b if a is not None and b not in (None, 0) else None
+
+    for row in rows:
+        row["ratio_est_peak_mem"] = ratio(row, "est_peak_mem_mb")
+        row["ratio_measured_cpu_mem"] = ratio(row, "measured_cpu_step_increase_mb")
+        row["ratio_train_step_gflops"] = ratio(row, "train_step_gflops")
+        row["ratio_train_images_per_s"] = ratio(row, "train_images_per_s")
+    report = {
+        "backbone": backbone.name, "res": res, "batch_size": batch_size, "num_classes": num_classes,
+        "device": "cpu", "threads": bench_threads, "baseline": base["method"] if base else None,
+        "flops_unit": FLOPS_UNIT, "mem_unit": "MiB (2^20 bytes)", "torch": torch.__version__,
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows,
+    }
+    out_json, out_md = Path(out_json), Path(out_md)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    out_md.write_text(bench_markdown(report))
+    report["paths"] = [str(out_md), str(out_json)]
+    return report
+
+
+def _bench_rows(
+    keys: list[str], backbone: BackboneSpec, res: int, batch_size: int, num_classes: int, steps: int, warmup: int,
+    options: Mapping[str, Mapping[str, Any]] | None, device: torch.device, log: Callable[[str], None] | None,
+) -> list[dict[str, Any]]:
+    from petlbench.profiling.memory_cuda import cpu_profiler_peak
+    from petlbench.profiling.timing import measure_steps as _measure
+    from petlbench.step import train_step
+
+    rows = []
+    for key in keys:
+        started = time.perf_counter()
+        method = make_method(key, options)
+        row = profile_methods([key], backbone, res, batch_size, num_classes, options=options)[0]
+        cpu_est = estimate_training_memory(method, backbone, res, batch_size, num_classes, target="cpu")
+        row["est_cpu_step_increase_mb"] = cpu_est.step_peak_increase_bytes / MIB
+        torch.manual_seed(0)
+        model, batch, _ = build_real(method, backbone, res, batch_size, num_classes, device)
+        optimizer = make_optimizer(model.trainable_parameters())
+        timing = _measure(model, batch, optimizer, steps=steps, warmup=warmup, device=device)
+        row["train_images_per_s"] = timing["train_images_per_s"]
+        row["median_step_s"] = timing["median_step_s"]
+        row["step_seconds"] = timing["step_seconds"]
+        measured = cpu_profiler_peak(lambda m=model, b=batch, o=optimizer: train_step(m, b, o, global_step=99))
+        row["measured_cpu_step_increase_mb"] = measured["peak_bytes"] / MIB
+        row["bench_seconds"] = time.perf_counter() - started
+        if log is not None:
+            log(f"{key}: {row['bench_seconds']:.1f}s")
+        rows.append(row)
+    return rows
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def bench_markdown(report: dict[str, Any]) -> str:
+    """The bench table (ratios to full fine-tuning) as Markdown."""
+    lines = [
+        f"# Efficiency bench: {report['backbone']} at {report['res']} px, batch {report['batch_size']}",
+        "",
+        f"Ratios are method / {report['baseline']}. Generated {report['generated']} on CPU "
+        f"({report['threads']} thread{'s' if report['threads'] != 1 else ''}, torch {report['torch']}).",
+        "",
+        "- **Est. peak**: fake-tensor replay of one steady-state training step, CUDA target "
+        "(what `max_memory_allocated` would report; no CUDA context or kernel workspaces), MiB.",
+        "- **CPU step peak**: measured on this CPU: peak of the CPU allocator's `[memory]` events (torch.profiler) "
+        "over one steady-state step, above what was live before it (1 thread), MiB; next to it the estimator's "
+        "CPU-target prediction of the same quantity.",
+        f"- **GFLOPs**: {report['flops_unit']}; train step = forward + backward.",
+        "- **img/s**: median over timed steps of the real training step in this process (CPU smoke test: "
+        "only the ratios are meaningful, never compare with GPU numbers).",
+        "",
+        "| Method | Trainable % | Attention | Est. peak (MiB) | × | CPU step peak (MiB) | est. (MiB) | × "
+        "| Fwd GFLOPs | Train-step GFLOPs | × | img/s | × |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['name']} | {_fmt(r['ratio_pct'], 3)} | {r.get('attention')} | {_fmt(r['est_peak_mem_mb'], 1)} "
+            f"| {_fmt(r['ratio_est_peak_mem'], 3)} | {_fmt(r['measured_cpu_step_increase_mb'], 1)} "
+            f"| {_fmt(r['est_cpu_step_increase_mb'], 1)} | {_fmt(r['ratio_measured_cpu_mem'], 3)} "
+            f"| {_fmt(r['fwd_gflops'], 3)} | {_fmt(r['train_step_gflops'], 3)} "
+            f"| {_fmt(r['ratio_train_step_gflops'], 3)} "
+            f"| {_fmt(r['train_images_per_s'], 1)} | {_fmt(r['ratio_train_images_per_s'], 2)} |"
+        )
+    notes = [r for r in report["rows"] if r.get("preload_gflops_per_image") is not None]
+    if notes:
+        lines += ["", "FPT/FPT+ train with preloaded LPM features; the one-off preload cost is the LPM forward:"]
+        for r in notes:
+            lines.append(f"- {r['name']}: {_fmt(r['preload_gflops_per_image'], 3)} GFLOPs per image "
+                         f"(without preloading a step costs {_fmt(r.get('train_step_gflops_no_preload'), 3)}).")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "ATTN_IMPL", "build_real", "bench_markdown", "describe_attention", "forward_flops", "make_method",
+    "measure_method", "memory_sweep", "parse_mem", "parse_method_keys", "profile_methods", "resolve_device",
+    "run_bench", "run_efficiency",
+]

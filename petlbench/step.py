@@ -1,0 +1,71 @@
+"""One training step and the optimizer, shared by the trainer and the profilers (so both measure the same work).
+
+`train_step`: forward (under the optional autocast context), cross-entropy on float logits plus the method's
+`extra_loss()`, backward, global-norm clipping, `optimizer.step()`, `after_optimizer_step(global_step)`,
+`zero_grad(set_to_none=True)`. It reads no tensor value, so it also runs on fake/meta tensors; the trainer
+checks the returned loss for non-finite values itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+TrainStep = Callable[..., Any]
+MakeOptimizer = Callable[..., torch.optim.Optimizer]
+
+DEFAULT_LR = 1e-4
+DEFAULT_WEIGHT_DECAY = 0.1
+DEFAULT_GRAD_CLIP = 1.0
+
+
+def make_optimizer(
+    params: Iterable[nn.Parameter],
+    foreach: bool | None = None,
+    lr: float = DEFAULT_LR,
+    weight_decay: float = DEFAULT_WEIGHT_DECAY,
+) -> torch.optim.Optimizer:
+    """AdamW as the trainer builds it (betas 0.9/0.999, decay on every trainable parameter).
+
+    `foreach=None` is torch's default: the multi-tensor path on CUDA, the for-loop on CPU. The memory
+    estimator passes `foreach=True` when it predicts a CUDA run, because the foreach path allocates a
+    full temporary copy of `exp_avg_sq` (profiling.md §2.2).
+    """
+    return torch.optim.AdamW(list(params), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, foreach=foreach)
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every parameter the optimizer updates, in group order."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def train_step(
+    model: nn.Module,
+    batch: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    *,
+    grad_clip: float = DEFAULT_GRAD_CLIP,
+    global_step: int = 0,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """One optimisation step on `batch` (a dict of views + "label"); returns the detached loss."""
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    with autocast():
+        logits = model(batch)
+        loss = loss_fn(logits.float(), batch["label"])
+        extra = model.extra_loss() if hasattr(model, "extra_loss") else None
+        if extra is not None:
+            loss = loss + extra
+    loss.backward()
+    if grad_clip and grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), grad_clip)
+    optimizer.step()
+    if hasattr(model, "after_optimizer_step"):
+        model.after_optimizer_step(global_step)
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
