@@ -39,7 +39,7 @@ def summary_row(result: dict[str, Any]) -> dict[str, Any]:
     eff = result.get("efficiency") or {}
     power = eff.get("power") or {}
     return {
-        "run_id": result["run_id"],
+        "run_id": result.get("run_id"),
         "status": result.get("status"),
         "error": result.get("error"),
         "method": config.get("method"),
@@ -68,6 +68,8 @@ def summary_row(result: dict[str, Any]) -> dict[str, Any]:
         "measured_peak_allocated_mb": eff.get("measured_peak_allocated_mb"),
         "fwd_gflops": eff.get("fwd_gflops"),
         "train_step_gflops": eff.get("train_step_gflops"),
+        "preload_gflops_per_image": eff.get("preload_gflops_per_image"),
+        "flops_unit": eff.get("flops_unit"),
         "train_images_per_s": eff.get("train_images_per_s"),
         "end_to_end_images_per_s": eff.get("end_to_end_images_per_s"),
         "train_seconds": eff.get("train_seconds"),
@@ -75,6 +77,7 @@ def summary_row(result: dict[str, Any]) -> dict[str, Any]:
         "peak_power_w": power.get("power_peak_w"),
         "mean_power_w": power.get("power_avg_w"),
         "energy_j": power.get("energy_j"),
+        "power_reason": power.get("reason"),
         "started_at": (result.get("timestamps") or {}).get("started"),
         "finished_at": (result.get("timestamps") or {}).get("finished"),
     }

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from petlbench.config import RunConfig
 from petlbench.datasets.source import DatasetSource
@@ -379,8 +379,13 @@ def _save_introspection(
     hooks: ProgressHooks,
     max_images: int = 4,
 ) -> None:
-    """Store the attention maps of the first test batch (figures 6 and 9) when the method has any."""
-    batch = to_device(next(iter(loader)), device)
+    """Store attention maps of a few test images, one class after another (figures 6 and 9), if the method has any."""
+    dataset = loader.dataset
+    samples = list(getattr(dataset, "samples", []))
+    if not samples or type(model).introspect is PetlModel.introspect:
+        return  # this method has no attention maps to show
+    chosen = _class_spread(samples, max_images)
+    batch = to_device(default_collate([dataset[i] for i in chosen]), device)
     with torch.no_grad():
         maps = model.introspect(batch)
     if maps is None:
@@ -388,14 +393,25 @@ def _save_introspection(
     from petlbench.datasets.loading import load_image
     from petlbench.reports import introspection_arrays, save_introspection
 
-    shown = batch["index"][:max_images].tolist()
-    samples = [loader.dataset.samples[i] for i in shown] if hasattr(loader.dataset, "samples") else []
-    images = None
-    if len(samples) == len(shown):  # the un-normalised LPM view of the same images, for drawing token boxes
-        images = np.stack([np.asarray(load_image(s.path).resize((cfg.res, cfg.res))) for s in samples])
-    arrays = introspection_arrays(maps, images=images, max_images=max_images, labels=batch["label"][:max_images])
+    # the un-normalised high-resolution view of the same images, to draw the selected tokens on
+    images = np.stack([np.asarray(load_image(samples[i].path).resize((cfg.res, cfg.res))) for i in chosen])
+    arrays = introspection_arrays(maps, images=images, max_images=max_images, labels=batch["label"])
     path = save_introspection(store.run_dir(cfg.run_id), arrays)
     hooks.log(f"attention maps for figures 6 and 9 saved to {path}")
+
+
+def _class_spread(samples: list[Any], count: int) -> list[int]:
+    """Indices of up to `count` samples taking the classes in turn (first of each class, then second, ...)."""
+    by_class: dict[int, list[int]] = {}
+    for index, sample in enumerate(samples):
+        by_class.setdefault(sample.label, []).append(index)
+    queues = [by_class[label] for label in sorted(by_class)]
+    chosen: list[int] = []
+    while len(chosen) < count and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < count:
+                chosen.append(queue.pop(0))
+    return chosen
 
 
 def _choose_peak_memory(eff: dict[str, Any]) -> None:

@@ -130,6 +130,7 @@ def unavailable_power(reason: str, interval_s: float | None = None, device_index
         {
             "energy_source": None, "power_peak_field": None, "interval_s": interval_s, "device_index": device_index,
             "device_name": None, "gpu_uuid": None, "gpu_shared": None, "avg_le_peak": None, "reason": reason,
+            "available": False,
         }
     )
     return record
@@ -315,5 +316,6 @@ class PowerSampler:
             "gpu_shared": bool(others),
             "avg_le_peak": (avg <= peak * 1.0001) if avg is not None and peak is not None else None,
             "reason": None,
+            "available": True,
         }
         return record

@@ -26,7 +26,7 @@ import pandas as pd
 
 from petlbench.metrics import mean_std
 from petlbench.reports.model import MISSING, NA, OOM, Cell
-from petlbench.results import FAILED, FINISHED, RUNNING, ResultStore
+from petlbench.results import FAILED, FINISHED, RUNNING, ResultStore, summary_row
 from petlbench.results import OOM as STATUS_OOM
 
 DefaultsFn = Callable[[str], Mapping[str, Any] | None]
@@ -110,58 +110,35 @@ def _num(value: Any) -> float | None:
 
 
 def record_row(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The flat row the report uses for one stored record."""
+    """The flat row the report uses for one stored record: the results table's row plus report-only fields."""
+    row = summary_row(dict(record))
+    for key in _NUMERIC:
+        row[key] = _num(row.get(key))
     config = record.get("config") or {}
-    metrics = record.get("metrics") or {}
-    params = record.get("params") or {}
     eff = record.get("efficiency") or {}
     power = eff.get("power") or {}
-    env = record.get("environment") or {}
-    device = env.get("device") if isinstance(env.get("device"), dict) else {}
     options = config.get("method_options") or {}
-    return {
-        "run_id": record.get("run_id"),
-        "status": record.get("status"),
-        "error": record.get("error"),
-        "method": config.get("method"),
-        "method_name": record.get("method_name"),
-        "dataset": config.get("dataset"),
-        "backbone": config.get("backbone"),
-        "weights": config.get("weights"),
-        "res": config.get("res"),
-        "seed": config.get("seed"),
-        "epochs": config.get("epochs"),
-        "batch_size": config.get("batch_size"),
-        "lr": config.get("lr"),
-        "weight_decay": config.get("weight_decay"),
-        "options": dict(options),
-        "options_json": canonical(options),
-        "device": device.get("name") or config.get("device"),
-        "device_type": device.get("type") or str(config.get("device") or "").split(":")[0] or None,
-        "test_auc": _num(metrics.get("test_auc")),
-        "val_auc": _num(metrics.get("val_auc")),
-        "trainable": _num(params.get("trainable")),
-        "total": _num(params.get("total")),
-        "ratio_pct": _num(params.get("ratio_pct")),
-        "peak_mem_mb": _num(eff.get("peak_mem_mb")),
-        "peak_mem_source": eff.get("peak_mem_source"),
-        "est_peak_mem_mb": _num(eff.get("est_peak_mem_mb")),
-        "measured_mem_mb": _num(eff.get("measured_peak_allocated_mb")),
-        "fwd_gflops": _num(eff.get("fwd_gflops")),
-        "train_step_gflops": _num(eff.get("train_step_gflops")),
-        "preload_gflops": _num(eff.get("preload_gflops_per_image")),
-        "flops_unit": eff.get("flops_unit"),
-        "train_images_per_s": _num(eff.get("train_images_per_s")),
-        "end_to_end_images_per_s": _num(eff.get("end_to_end_images_per_s")),
-        "train_seconds": _num(eff.get("train_seconds")),
-        "preload_seconds": _num(eff.get("preload_seconds")),
-        "preload": eff.get("preload") if isinstance(eff.get("preload"), dict) else None,
-        "power_available": power.get("available") if power else None,
-        "power_reason": power.get("reason") if power else None,
-        "peak_power_w": _num(power.get("power_peak_w")),
-        "mean_power_w": _num(power.get("power_avg_w")),
-        "energy_j": _num(power.get("energy_j")),
-    }
+    device = (record.get("environment") or {}).get("device")
+    device = device if isinstance(device, dict) else {}
+    row.update(
+        options=dict(options),
+        options_json=canonical(options),
+        device=row.get("device") or config.get("device"),
+        device_type=device.get("type") or str(config.get("device") or "").split(":")[0] or None,
+        measured_mem_mb=row["measured_peak_allocated_mb"],
+        preload_gflops=row["preload_gflops_per_image"],
+        preload=eff.get("preload") if isinstance(eff.get("preload"), dict) else None,
+        power_available=power.get("available") if power else None,
+    )
+    return row
+
+
+_NUMERIC = (
+    "test_auc", "val_auc", "trainable", "total", "ratio_pct", "peak_mem_mb", "est_peak_mem_mb",
+    "measured_peak_allocated_mb", "fwd_gflops", "train_step_gflops", "preload_gflops_per_image",
+    "train_images_per_s", "end_to_end_images_per_s", "train_seconds", "preload_seconds", "peak_power_w",
+    "mean_power_w", "energy_j",
+)
 
 
 COLUMNS = list(record_row({}).keys()) + ["nondefault", "is_default"]

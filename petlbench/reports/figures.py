@@ -285,7 +285,7 @@ def figure_prompt_attention(per_method: Mapping[str, Sequence[float]], stem: str
     ax.set_xlabel("Side-network layer (1 = lowest)")
     ax.set_ylabel("Mean attention on prompts (fraction)")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8, frameon=False)
+    fig.legend(fontsize=8, frameon=False, loc="outside right upper")
     ax.set_title(title or "Average attention score on the fine-grained prompts per layer", fontsize=10)
     return save_figure(fig, stem)
 
