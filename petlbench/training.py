@@ -12,7 +12,7 @@ import math
 import random
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block without changing python, numpy or torch (CPU and CUDA) random states."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -319,7 +330,8 @@ def _train_and_test(
         for name in ("train", "val", "test")
     }
     prepare_start = time.perf_counter()
-    splits = model.prepare_data(splits, ctx)
+    with preserved_rng():  # building a cache or reusing one must leave the same random stream for training
+        splits = model.prepare_data(splits, ctx)
     prepare_seconds = time.perf_counter() - prepare_start
     model.place(device)
     trainable, total = model.param_report()

@@ -126,3 +126,18 @@ def test_bad_images_stop_before_training_or_are_skipped(tmp_path: Path) -> None:
     record = json.loads((results / row["run_id"] / "result.json").read_text())
     recorded = {Path(s["path"]).name for s in record["dataset"]["skipped_files"]}
     assert recorded == set(bad_names)
+
+
+@pytest.mark.slow
+def test_same_seed_same_history_whether_cache_is_built_or_reused(tmp_path: Path) -> None:
+    """Preloading must not shift the training random stream: a rerun on the cache reproduces the first run."""
+    args = ["run", "--methods", "fpt_plus", "--results", str(tmp_path), "--force", *TINY]
+    histories = []
+    for _ in range(2):
+        assert invoke(*args).exit_code == 0
+        (row,) = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+        record = json.loads((tmp_path / row["run_id"] / "result.json").read_text())
+        histories.append([(h["train_loss"], h["val_auc"]) for h in record["history"]])
+        reused = record["efficiency"]["preload"]["cache_reused"]
+    assert reused is True
+    assert histories[0] == histories[1]
