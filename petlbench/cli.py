@@ -351,3 +351,7 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted: finished runs are stored; re-run the same command to resume")
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -141,3 +141,56 @@ def test_same_seed_same_history_whether_cache_is_built_or_reused(tmp_path: Path)
         reused = record["efficiency"]["preload"]["cache_reused"]
     assert reused is True
     assert histories[0] == histories[1]
+
+
+PLUGIN = '''
+from dataclasses import dataclass
+
+from petlbench.backbone import create_backbone
+from petlbench.backbone_model import BackboneClassifier, freeze_except, name_matcher
+from petlbench.method import BuildContext, Method, PetlModel, register_method
+from petlbench.options import option
+
+
+@dataclass(frozen=True)
+class NormTuningOptions:
+    include_head: bool = option(True, "train the head too")
+
+
+@register_method
+class NormTuning(Method):
+    key = "norm_tuning"
+    display_name = "Norm tuning"
+    Options = NormTuningOptions
+
+    def build(self, ctx: BuildContext) -> PetlModel:
+        net = create_backbone(ctx.backbone, ctx.res, ctx.num_classes)
+        patterns = [r".*norm.*"] + ([r"head\\..+"] if self.options.include_head else [])
+        freeze_except(net, name_matcher(patterns))
+        return BackboneClassifier(net)
+'''
+
+
+@pytest.mark.slow
+def test_third_party_method_from_one_file(tmp_path: Path) -> None:
+    """The README's recipe: one file named in PETLBENCH_PLUGINS adds a method that `run` can train."""
+    import os
+    import subprocess
+    import sys
+
+    plugin = tmp_path / "norm_tuning.py"
+    plugin.write_text(PLUGIN)
+    env = {**os.environ, "PETLBENCH_PLUGINS": str(plugin)}
+    cli = [sys.executable, "-m", "petlbench.cli"]
+    listed = subprocess.run([*cli, "methods", "--json"], env=env, capture_output=True, text=True, check=True)
+    assert {"method": "norm_tuning", "name": "Norm tuning"}.items() <= next(
+        m for m in json.loads(listed.stdout) if m["method"] == "norm_tuning"
+    ).items()
+    ran = subprocess.run(
+        [*cli, "run", "--methods", "norm_tuning", "--opt", "norm_tuning.include_head=false",
+         "--results", str(tmp_path / "results"), *TINY],
+        env=env, capture_output=True, text=True,
+    )
+    assert ran.returncode == 0, ran.stderr + ran.stdout
+    (row,) = [json.loads(line) for line in (tmp_path / "results" / "runs.jsonl").read_text().splitlines()]
+    assert row["status"] == "finished" and row["method_name"] == "Norm tuning"
