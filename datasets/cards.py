@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from petlbench.yamlfile import read_yaml
 
 from .source import DatasetError
 
@@ -151,13 +151,7 @@ def parse_card(data: Any, path: Path) -> DatasetCard:
 def read_card(path: str | Path) -> DatasetCard:
     """Load and validate one card file."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise CardError(f"dataset card {path}: cannot read it ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise CardError(f"dataset card {path}: not valid YAML ({err})") from None
-    return parse_card(data, path)
+    return parse_card(read_yaml(path, "dataset card", CardError), path)
 
 
 def card_files() -> list[Path]:

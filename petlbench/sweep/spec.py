@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from petlbench.yamlfile import read_yaml
 
 EMBEDDED = "embedded"  # dataset name meaning the embedded synthetic dataset (`petlbench run` without --dataset)
 SPEC_KEYS = (
@@ -403,12 +403,7 @@ def check_backbones(spec: SweepSpec) -> None:
 def read_spec_data(path: str | Path) -> tuple[dict[str, Any], str]:
     """The raw YAML mapping of a spec file (a path, or a built-in spec's name) and the file's path."""
     resolved = resolve_spec_path(path)
-    try:
-        data = yaml.safe_load(resolved.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise SweepSpecError(f"sweep spec {resolved}: cannot read it ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise SweepSpecError(f"sweep spec {resolved}: not valid YAML ({err})") from None
+    data = read_yaml(resolved, "sweep spec", SweepSpecError)
     if data is None:
         data = {}
     if not isinstance(data, dict):
