@@ -54,6 +54,14 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def check_attention(attention: str) -> None:
+    """Exit with a clear error unless `attention` names a known attention kernel."""
+    from petlbench.method import ATTENTION_CHOICES
+
+    if attention not in ATTENTION_CHOICES:
+        fail(f"--attention {attention!r}: use {', '.join(ATTENTION_CHOICES)}")
+
+
 def _fmt_pm(pair: tuple[float, float]) -> str:
     mean, std = pair
     return "—" if not math.isfinite(mean) else f"{mean:.2f} ± {std:.2f}"
@@ -104,8 +112,7 @@ def run(
         fail(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2")
     if amp not in ("none", "bf16"):
         fail(f"--amp {amp!r}: use none or bf16")
-    if attention not in ("auto", "fused", "explicit"):
-        fail(f"--attention {attention!r}: use auto, fused or explicit")
+    check_attention(attention)
     request = RunRequest(
         methods=methods,
         dataset=dataset,

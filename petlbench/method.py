@@ -25,6 +25,9 @@ from petlbench.registry import Registry
 
 Batch = dict[str, Any]
 
+# Attention kernels a run can use: timm's fused SDPA, explicit softmax attention, or whatever the model defaults to.
+ATTENTION_CHOICES = ("auto", "fused", "explicit")
+
 
 @dataclass(frozen=True)
 class View:

@@ -50,14 +50,13 @@ def profile(
 ) -> None:
     """Parameters, FLOPs (attention counted), estimated peak training memory and, with --measure, measured
     memory, throughput and power of each method."""
-    from petlbench.cli import console, fail, user_errors
+    from petlbench.cli import check_attention, console, fail, user_errors
     from petlbench.method import BackboneSpec
     from petlbench.profiling import FLOPS_UNIT, profile_methods
 
     if batch_size < 1 or res < 1:
         fail("--res and --batch-size must be positive")
-    if attention not in ("auto", "fused", "explicit"):
-        fail(f"--attention {attention!r}: use auto, fused or explicit")
+    check_attention(attention)
     started = time.perf_counter()
     try:
         rows = profile_methods(methods, BackboneSpec(backbone), res, batch_size, num_classes=num_classes,
@@ -108,7 +107,7 @@ def memory(
     opt: Annotated[list[str] | None, typer.Option("--opt", help="Method option METHOD.KEY=VALUE (repeatable).")] = None,
 ) -> None:
     """Estimated peak training memory of each method at each resolution (no GPU needed)."""
-    from petlbench.cli import console, fail, user_errors
+    from petlbench.cli import check_attention, console, fail, user_errors
     from petlbench.method import BackboneSpec
     from petlbench.profiling import memory_sweep, parse_mem
 
@@ -122,8 +121,7 @@ def memory(
         fail(str(err))
     if not resolutions or batch_size < 1:
         fail("give at least one resolution and a batch size >= 1")
-    if attention not in ("auto", "fused", "explicit"):
-        fail(f"--attention {attention!r}: use auto, fused or explicit")
+    check_attention(attention)
     started = time.perf_counter()
     try:
         rows = memory_sweep(methods, BackboneSpec(backbone), resolutions, batch_size, gpu_mem_bytes=budget,

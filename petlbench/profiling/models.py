@@ -17,9 +17,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from petlbench.method import BackboneSpec, BuildContext, Method
-
-ATTENTION_CHOICES = ("auto", "fused", "explicit")
+from petlbench.method import ATTENTION_CHOICES, BackboneSpec, BuildContext, Method
 
 # Breakdown categories of the memory estimator (the unlabelled remainder is activations + temporaries).
 INPUTS = "inputs"

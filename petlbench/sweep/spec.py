@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from petlbench.method import ATTENTION_CHOICES
 from petlbench.yamlfile import read_yaml
 
 EMBEDDED = "embedded"  # dataset name meaning the embedded synthetic dataset (`petlbench run` without --dataset)
@@ -28,7 +29,6 @@ SPEC_KEYS = (
 GRID_KEYS = ("lr", "weight_decay")
 BACKBONE_KEYS = ("name", "pretrained", "weights")
 AMP_CHOICES = ("none", "bf16")
-ATTENTION_CHOICES = ("auto", "fused", "explicit")
 
 
 class SweepSpecError(ValueError):
