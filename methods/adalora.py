@@ -14,17 +14,17 @@ from dataclasses import dataclass
 import torch
 from peft import AdaLoraConfig, PeftModel
 
-from petlbench.backbone import create_backbone
-from petlbench.backbone_model import BackboneClassifier
-from petlbench.method import BuildContext, Method, register_method
-from petlbench.options import option
-from petlbench.peft_utils import (
+from petlbench.backbones.classifier import BackboneClassifier
+from petlbench.backbones.peft_adapters import (
     QV_TARGET_REGEX,
     adalora_orthogonality,
     adalora_schedule,
     adalora_update_and_allocate,
     wrap_qv,
 )
+from petlbench.backbones.vit import create_backbone
+from petlbench.core.method import BuildContext, Method, register_method
+from petlbench.core.options import option
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ class AdaLoRA(Method):
     """Train AdaLoRA's A, E, B on attn.q and attn.v (never k) and the head; the backbone is frozen."""
 
     key = "adalora"
+    rank = 80
     display_name = "AdaLoRA"
     Options = AdaLoRAOptions
 

@@ -16,10 +16,10 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from petlbench.backbone import create_backbone
-from petlbench.backbone_model import HEAD_PATTERN, BackboneClassifier, freeze_except, name_matcher
-from petlbench.method import BuildContext, Method, register_method
-from petlbench.options import option
+from petlbench.backbones.classifier import HEAD_PATTERN, BackboneClassifier, freeze_except, name_matcher
+from petlbench.backbones.vit import create_backbone
+from petlbench.core.method import BuildContext, Method, register_method
+from petlbench.core.options import option
 
 DEFAULT_BOTTLENECK: dict[str, int] = {"parallel": 96, "houlsby": 48}
 DEFAULT_SCALE: dict[str, float] = {"parallel": 0.1, "houlsby": 1.0}
@@ -114,6 +114,7 @@ class Adapter(Method):
     """Train the adapters and the head; the backbone is frozen."""
 
     key = "adapter"
+    rank = 50
     display_name = "Adapter"
     Options = AdapterOptions
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from petlbench.backbone import create_backbone
-from petlbench.backbone_model import HEAD_PATTERN, BackboneClassifier, freeze_except, name_matcher
-from petlbench.method import BuildContext, Method, register_method
-from petlbench.options import option
+from petlbench.backbones.classifier import HEAD_PATTERN, BackboneClassifier, freeze_except, name_matcher
+from petlbench.backbones.vit import create_backbone
+from petlbench.core.method import BuildContext, Method, register_method
+from petlbench.core.options import option
 
 ATTENTION_PATTERN = r"blocks\.\d+\.attn\..+"
 
@@ -44,6 +44,7 @@ class AttentionTuning(Method):
     """Train `blocks.*.attn.*` (qkv and proj) and the head; optional extra groups from `extra`."""
 
     key = "attention_tuning"
+    rank = 40
     display_name = "Attention-tuning"
     Options = AttentionTuningOptions
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from petlbench.backbone import create_backbone
-from petlbench.backbone_model import HEAD_PATTERN, BackboneClassifier, freeze_except, name_matcher
-from petlbench.method import BuildContext, Method, register_method
+from petlbench.backbones.classifier import HEAD_PATTERN, BackboneClassifier, freeze_except, name_matcher
+from petlbench.backbones.vit import create_backbone
+from petlbench.core.method import BuildContext, Method, register_method
 
 BIAS_PATTERN = r"(.+\.)?bias"
 
@@ -14,6 +14,7 @@ class BitFit(Method):
     """Train all parameters named `*bias` and the head; weights, `cls_token` and `pos_embed` stay frozen."""
 
     key = "bitfit"
+    rank = 60
     display_name = "BitFit"
 
     def build(self, ctx: BuildContext) -> BackboneClassifier:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from petlbench.fpt_common import SideTuningMethod, SideTuningOptions
-from petlbench.method import register_method
-from petlbench.options import option
-from petlbench.side_network import SidePromptFusion
+from petlbench.core.method import register_method
+from petlbench.core.options import option
+from petlbench.fpt.common import SideTuningMethod, SideTuningOptions
+from petlbench.fpt.side_network import SidePromptFusion
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,7 @@ class FPT(SideTuningMethod):
     """
 
     key = "fpt"
+    rank = 90
     display_name = "FPT"
     Options = FPTOptions
     side_res_base = 224

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from petlbench.fpt_common import SideTuningMethod, SideTuningOptions
-from petlbench.method import register_method
-from petlbench.side_network import FinePromptFusion
+from petlbench.core.method import register_method
+from petlbench.fpt.common import SideTuningMethod, SideTuningOptions
+from petlbench.fpt.side_network import FinePromptFusion
 
 # The papers' Fig. 7 component ablation, adding one component per row: `--opt fpt_plus.KEY=VALUE` sets.
 ABLATION_ROWS: dict[str, dict[str, str]] = {
@@ -44,6 +44,7 @@ class FPTPlus(SideTuningMethod):
     """
 
     key = "fpt_plus"
+    rank = 100
     display_name = "FPT+"
     Options = FPTPlusOptions
     side_res_base = 128

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from petlbench.backbone import create_backbone
-from petlbench.backbone_model import BackboneClassifier
-from petlbench.method import BuildContext, Method, register_method
+from petlbench.backbones.classifier import BackboneClassifier
+from petlbench.backbones.vit import create_backbone
+from petlbench.core.method import BuildContext, Method, register_method
 
 
 @register_method
@@ -12,6 +12,7 @@ class FullFineTuning(Method):
     """Train the whole ViT; nothing is added or frozen."""
 
     key = "full_ft"
+    rank = 10
     display_name = "Full fine-tuning"
 
     def build(self, ctx: BuildContext) -> BackboneClassifier:

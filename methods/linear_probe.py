@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from petlbench.backbone import create_backbone
-from petlbench.backbone_model import HEAD_PATTERN, BackboneClassifier, freeze_except, name_matcher
-from petlbench.method import Batch, BuildContext, Method, register_method
+from petlbench.backbones.classifier import HEAD_PATTERN, BackboneClassifier, freeze_except, name_matcher
+from petlbench.backbones.vit import create_backbone
+from petlbench.core.method import Batch, BuildContext, Method, register_method
 
 
 class FrozenTrunkClassifier(BackboneClassifier):
@@ -24,6 +24,7 @@ class LinearProbing(Method):
     """Train `head.weight` and `head.bias` only."""
 
     key = "linear_probe"
+    rank = 20
     display_name = "Linear probing"
 
     def build(self, ctx: BuildContext) -> FrozenTrunkClassifier:

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 from peft import LoraConfig
 
-from petlbench.backbone import create_backbone
-from petlbench.backbone_model import BackboneClassifier
-from petlbench.method import BuildContext, Method, register_method
-from petlbench.options import option
-from petlbench.peft_utils import QV_TARGET_REGEX, wrap_qv
+from petlbench.backbones.classifier import BackboneClassifier
+from petlbench.backbones.peft_adapters import QV_TARGET_REGEX, wrap_qv
+from petlbench.backbones.vit import create_backbone
+from petlbench.core.method import BuildContext, Method, register_method
+from petlbench.core.options import option
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class LoRA(Method):
     """Train low-rank updates of attn.q and attn.v (never k) and the head; the backbone is frozen."""
 
     key = "lora"
+    rank = 70
     display_name = "LoRA"
     Options = LoRAOptions
 

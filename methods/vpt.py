@@ -9,10 +9,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from petlbench.backbone import create_backbone
-from petlbench.backbone_model import HEAD_PATTERN, freeze_except, name_matcher
-from petlbench.method import Batch, BuildContext, Method, PetlModel, register_method
-from petlbench.options import option
+from petlbench.backbones.classifier import HEAD_PATTERN, freeze_except, name_matcher
+from petlbench.backbones.vit import create_backbone
+from petlbench.core.method import Batch, BuildContext, Method, PetlModel, register_method
+from petlbench.core.options import option
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class PromptTuning(Method):
     """VPT-deep: train the per-block prompts and the head; the backbone is frozen."""
 
     key = "vpt"
+    rank = 30
     display_name = "Prompt-tuning"
     Options = PromptTuningOptions
 

@@ -20,22 +20,15 @@ def invoke(*args: str):
     return runner.invoke(app, list(args), catch_exceptions=False)
 
 
-def test_methods_lists_every_display_name() -> None:
+def test_methods_lists_every_registered_method_in_rank_order() -> None:
+    from petlbench.core.method import get_method, method_keys
+
     result = invoke("methods", "--json")
     assert result.exit_code == 0
-    names = {entry["method"]: entry["name"] for entry in json.loads(result.output)}
-    assert names == {
-        "full_ft": "Full fine-tuning",
-        "linear_probe": "Linear probing",
-        "vpt": "Prompt-tuning",
-        "attention_tuning": "Attention-tuning",
-        "adapter": "Adapter",
-        "bitfit": "BitFit",
-        "lora": "LoRA",
-        "adalora": "AdaLoRA",
-        "fpt": "FPT",
-        "fpt_plus": "FPT+",
-    }
+    listed = [(entry["method"], entry["name"]) for entry in json.loads(result.output)]
+    assert listed == [(key, get_method(key).display_name) for key in method_keys()]
+    keys = [key for key, _ in listed]
+    assert keys[:2] == ["full_ft", "linear_probe"] and keys[-2:] == ["fpt", "fpt_plus"] and "ssf" in keys
 
 
 def test_params_json_keys_on_tiny_vit() -> None:
@@ -143,13 +136,13 @@ def test_same_seed_same_history_whether_cache_is_built_or_reused(tmp_path: Path)
     assert histories[0] == histories[1]
 
 
-PLUGIN = '''
+PLUGIN = """
 from dataclasses import dataclass
 
-from petlbench.backbone import create_backbone
-from petlbench.backbone_model import BackboneClassifier, freeze_except, name_matcher
-from petlbench.method import BuildContext, Method, PetlModel, register_method
-from petlbench.options import option
+from petlbench.backbones.vit import create_backbone
+from petlbench.backbones.classifier import BackboneClassifier, freeze_except, name_matcher
+from petlbench.core.method import BuildContext, Method, PetlModel, register_method
+from petlbench.core.options import option
 
 
 @dataclass(frozen=True)
@@ -168,7 +161,7 @@ class NormTuning(Method):
         patterns = [r".*norm.*"] + ([r"head\\..+"] if self.options.include_head else [])
         freeze_except(net, name_matcher(patterns))
         return BackboneClassifier(net)
-'''
+"""
 
 
 @pytest.mark.slow
@@ -187,9 +180,20 @@ def test_third_party_method_from_one_file(tmp_path: Path) -> None:
         m for m in json.loads(listed.stdout) if m["method"] == "norm_tuning"
     ).items()
     ran = subprocess.run(
-        [*cli, "run", "--methods", "norm_tuning", "--opt", "norm_tuning.include_head=false",
-         "--results", str(tmp_path / "results"), *TINY],
-        env=env, capture_output=True, text=True,
+        [
+            *cli,
+            "run",
+            "--methods",
+            "norm_tuning",
+            "--opt",
+            "norm_tuning.include_head=false",
+            "--results",
+            str(tmp_path / "results"),
+            *TINY,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert ran.returncode == 0, ran.stderr + ran.stdout
     (row,) = [json.loads(line) for line in (tmp_path / "results" / "runs.jsonl").read_text().splitlines()]

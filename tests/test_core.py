@@ -9,13 +9,18 @@ from typing import Literal
 
 import numpy as np
 import pytest
+import torch
 
-from petlbench.config import RunConfig
-from petlbench.metrics import auc_percent, classification_metrics, mean_std
-from petlbench.options import OptionError, build_options, option, parse_opt_flags
-from petlbench.registry import Registry, RegistryError
-from petlbench.results import FAILED, FINISHED, RUNNING, ResultStore
-from petlbench.training import cosine_factor
+from petlbench.backbones.classifier import BackboneClassifier
+from petlbench.backbones.vit import create_backbone
+from petlbench.core.config import RunConfig
+from petlbench.core.method import BuildContext, Method
+from petlbench.core.options import OptionError, build_options, option, parse_opt_flags
+from petlbench.core.registry import Registry, RegistryError
+from petlbench.core.results import FAILED, FINISHED, RUNNING, ResultStore
+from petlbench.engine.metrics import auc_percent, classification_metrics, mean_std
+from petlbench.engine.runner import RunRequest, execute, resolve
+from petlbench.engine.training import cosine_factor
 
 
 def test_registry_duplicate_unknown_and_lazy() -> None:
@@ -129,6 +134,50 @@ def test_every_subpackage_is_packaged() -> None:
 
     root = Path(__file__).resolve().parent.parent
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {"petlbench", "petlbench.methods", "petlbench.datasets"}
+    found = {"petlbench", "petlbench.methods"}
     found |= {f"petlbench.{p.parent.name}" for p in (root / "petlbench").glob("*/__init__.py")}
+    found |= {f"petlbench.datasets.{p.name}" for p in (root / "datasets").iterdir() if list(p.glob("*.yaml"))}
     assert found == listed
+
+
+class _DenormalProbeModel(BackboneClassifier):
+    """Records, at every forward, whether the CPU reads a denormal float as zero."""
+
+    flushed: list[bool]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.flushed.append((torch.tensor([1e-39]) * 1.0).item() == 0.0)
+        return super().forward(batch)
+
+
+class _DenormalProbe(Method):
+    key = "denormal_probe"
+    display_name = "Denormal probe"
+    model: _DenormalProbeModel | None = None
+
+    def build(self, ctx: BuildContext) -> _DenormalProbeModel:
+        model = _DenormalProbeModel(create_backbone(ctx.backbone, ctx.res, ctx.num_classes))
+        model.flushed = []
+        type(self).model = model
+        return model
+
+
+def test_denormals_are_flushed_inside_the_training_loop(tmp_path) -> None:
+    """Training steps and evaluation run with denormals flushed, whatever the caller's setting."""
+    torch.set_flush_denormal(False)
+    assert (torch.tensor([1e-39]) * 1.0).item() != 0.0  # this CPU keeps denormals unless told otherwise
+    resolved = resolve(
+        RunRequest(
+            methods="linear_probe", backbone="test_vit", res=32, epochs=1, batch_size=4, results=tmp_path, profile=False
+        )
+    )
+    probe = _DenormalProbe()
+    cfg = dataclasses.replace(resolved.configs[0][1], method=probe.key)
+    resolved.configs = [(probe, cfg)]
+    try:
+        (record,) = execute(resolved, ResultStore(tmp_path), profile=False)
+    finally:
+        torch.set_flush_denormal(False)
+    assert record["status"] == FINISHED, record.get("error")
+    assert _DenormalProbe.model is not None and len(_DenormalProbe.model.flushed) > 2
+    assert all(_DenormalProbe.model.flushed)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from petlbench.datasets import discover, synthetic
-from petlbench.datasets.cards import CardError, list_cards, load_card, read_card
-from petlbench.datasets.check import check_dataset
-from petlbench.datasets.discover import DatasetError, open_dataset
-from petlbench.datasets.loading import load_image
+from petlbench.data import discover, synthetic
+from petlbench.data.cards import CardError, list_cards, load_card, read_card
+from petlbench.data.check import check_dataset
+from petlbench.data.discover import DatasetError, open_dataset
+from petlbench.data.loading import load_image
 
 
 @pytest.fixture(autouse=True)
@@ -179,9 +179,7 @@ def test_manifest_with_class_names_and_no_split_is_split_70_10_20(tmp_path: Path
 
 def test_bad_manifest_rows_are_named(tmp_path: Path) -> None:
     save(tmp_path / "a.png")
-    (tmp_path / "x.csv").write_text(
-        "path,label,split\na.png,1,train\na.png,1,train\n,2,test\nb.png,2,holdout\n"
-    )
+    (tmp_path / "x.csv").write_text("path,label,split\na.png,1,train\na.png,1,train\n,2,test\nb.png,2,holdout\n")
     with pytest.raises(DatasetError) as err:
         open_dataset(tmp_path / "x.csv", log=quiet([]))
     text = str(err.value)
@@ -211,9 +209,7 @@ def test_flat_folder_split_is_stratified_reproducible_and_reused(tmp_path: Path)
     assert lines[0] == "path,label,split" and len(lines) == 31
     assert json.loads((run / "split.json").read_text())["seed"] == 3
     # the saved file wins over re-drawing: edit it and the edit is used
-    edited = [lines[0]] + [
-        ln.replace(",train", ",test", 1) if i == 1 else ln for i, ln in enumerate(lines) if i
-    ]
+    edited = [lines[0]] + [ln.replace(",train", ",test", 1) if i == 1 else ln for i, ln in enumerate(lines) if i]
     split_csv.write_text("\n".join(edited) + "\n")
     moved = edited[1].split(",")[0]
     reused = open_dataset(root, split_dir=run, seed=99, log=quiet([]))
@@ -235,9 +231,7 @@ def make_bad_dataset(root: Path) -> dict[str, Path]:
     zero = root / "a" / "zero.png"
     zero.write_bytes(b"")
     good = root / "b" / "whole.jpg"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
-        good, quality=90
-    )
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good, quality=90)
     truncated = root / "b" / "truncated.jpg"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     text = root / "a" / "notes.png"
@@ -264,9 +258,7 @@ def test_skip_bad_images_records_them(tmp_path: Path) -> None:
     assert len(source.samples) == 9 and not {s.path for s in source.samples} & set(bad.values())
 
 
-def test_validation_verdicts_are_cached_and_invalidated(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_validation_verdicts_are_cached_and_invalidated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_flat(tmp_path / "ds", {"a": 3, "b": 3})
     calls: list[Path] = []
     real = discover._inspect
@@ -411,8 +403,7 @@ def test_synthetic_lesions_vanish_at_low_resolution() -> None:
 
     def gap(res: int) -> float:
         a, b = (
-            np.asarray(Image.fromarray(x).resize((res, res), Image.Resampling.BILINEAR), float)
-            for x in (healthy, sick)
+            np.asarray(Image.fromarray(x).resize((res, res), Image.Resampling.BILINEAR), float) for x in (healthy, sick)
         )
         return float(np.abs(a - b).max())
 
@@ -427,9 +418,7 @@ def test_embedded_default_is_generated_once_and_regenerated_when_partial(
     monkeypatch.setattr(synthetic, "EMBEDDED_N_PER_CLASS", 3)
     messages: list[str] = []
     root = synthetic.embedded_default(log=messages.append)
-    assert (
-        root == tmp_path / "data" / synthetic.EMBEDDED_NAME and (root / synthetic.COMPLETE_MARKER).is_file()
-    )
+    assert root == tmp_path / "data" / synthetic.EMBEDDED_NAME and (root / synthetic.COMPLETE_MARKER).is_file()
     stamp = (root / "dataset.yaml").stat().st_mtime_ns
     assert synthetic.embedded_default(log=messages.append) == root
     assert (root / "dataset.yaml").stat().st_mtime_ns == stamp  # reused
@@ -441,8 +430,7 @@ def test_embedded_default_is_generated_once_and_regenerated_when_partial(
     messages.clear()
     source = open_dataset(None, log=messages.append)
     assert any(
-        m.startswith("no --dataset given: using the embedded synthetic dataset") and str(root) in m
-        for m in messages
+        m.startswith("no --dataset given: using the embedded synthetic dataset") and str(root) in m for m in messages
     )
     assert source.num_classes == synthetic.EMBEDDED_CLASSES and source.split_origin == "official"
 

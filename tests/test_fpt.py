@@ -12,15 +12,15 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from petlbench.datasets.source import DatasetSource, Sample, sample_id_for
-from petlbench.datasets.views import ViewDataset
-from petlbench.fpt_common import SideTuningModel, fusion_attention_maps, resolve_side_res
-from petlbench.lpm import FrozenLPM, explicit_block_forward, importance_scores, num_selected_tokens
-from petlbench.method import BackboneSpec, BuildContext, View, get_method
+from petlbench.core.method import BackboneSpec, BuildContext, View, get_method
+from petlbench.core.options import OptionError
+from petlbench.data.source import DatasetSource, Sample, sample_id_for
+from petlbench.data.views import ViewDataset
+from petlbench.fpt.common import SideTuningModel, fusion_attention_maps, resolve_side_res
+from petlbench.fpt.lpm import FrozenLPM, explicit_block_forward, importance_scores, num_selected_tokens
+from petlbench.fpt.side_network import FinePromptFusion, MLPFusion, SidePromptFusion
 from petlbench.methods.fpt import FPT
 from petlbench.methods.fpt_plus import ABLATION_ROWS, FPTPlus
-from petlbench.options import OptionError
-from petlbench.side_network import FinePromptFusion, MLPFusion, SidePromptFusion
 
 torch.set_num_threads(1)
 
@@ -58,14 +58,21 @@ def batch_of(dataset: Any, count: int | None = None) -> dict[str, Any]:
     return default_collate([dataset[i] for i in range(count)])
 
 
-def build(key: str = "fpt_plus", res: int = LPM_RES, tmp: Path | None = None, seed: int = 0,
-          classes: int = CLASSES, **opts: str) -> tuple[Any, SideTuningModel, BuildContext]:
+def build(
+    key: str = "fpt_plus",
+    res: int = LPM_RES,
+    tmp: Path | None = None,
+    seed: int = 0,
+    classes: int = CLASSES,
+    **opts: str,
+) -> tuple[Any, SideTuningModel, BuildContext]:
     """Method, model and context for the tiny ViT (side 32 px unless overridden)."""
     if opts.get("asymmetric", "true") == "true":
         opts.setdefault("side_res", str(SIDE_RES))
     method = get_method(key).from_overrides(opts)
-    ctx = BuildContext(backbone=TINY, num_classes=classes, res=res, cache_dir=(tmp or Path(".")) / "cache",
-                       log=lambda _: None)
+    ctx = BuildContext(
+        backbone=TINY, num_classes=classes, res=res, cache_dir=(tmp or Path(".")) / "cache", log=lambda _: None
+    )
     torch.manual_seed(seed)
     return method, method.build(ctx), ctx
 
@@ -187,8 +194,19 @@ def vit_block(width: int, mlp_ratio: float) -> int:
     return int((4 + 2 * mlp_ratio) * width**2 + (9 + mlp_ratio) * width)
 
 
-def closed_form(variant: str, width: int, depth: int, mlp_ratio: float, patch: int, res: int, side_res: int,
-                k: int, side_layers: int, prompts: int, classes: int) -> tuple[int, int]:
+def closed_form(
+    variant: str,
+    width: int,
+    depth: int,
+    mlp_ratio: float,
+    patch: int,
+    res: int,
+    side_res: int,
+    k: int,
+    side_layers: int,
+    prompts: int,
+    classes: int,
+) -> tuple[int, int]:
     """(trainable, total) from the class docstrings' closed forms."""
     ds = width // k
     tokens, side_tokens = (res // patch) ** 2 + 1, (side_res // patch) ** 2 + 1
@@ -232,8 +250,10 @@ def test_switch_use_lpm_false_is_side_network_alone() -> None:
     assert model.lpm is None and model.fusion is None
     assert method.views(LPM_RES) == {"side": View(SIDE_RES, augment=True)}
     trainable, total = model.param_report()
-    assert trainable == total == closed_form("fpt_plus", 64, 6, 3, 16, LPM_RES, SIDE_RES, 8, 6, 0, CLASSES)[0] - (
-        2 * 64 + 64 * 8 + 8
+    assert (
+        trainable
+        == total
+        == closed_form("fpt_plus", 64, 6, 3, 16, LPM_RES, SIDE_RES, 8, 6, 0, CLASSES)[0] - (2 * 64 + 64 * 8 + 8)
     )
     batch = random_batch(model, method.views(LPM_RES))
     assert model(batch).shape == (2, CLASSES)

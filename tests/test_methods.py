@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from petlbench.backbone import create_backbone
-from petlbench.method import BackboneSpec, BuildContext, PetlModel, get_method
-from petlbench.options import OptionError
-from petlbench.peft_utils import adalora_schedule, adalora_tuner
+from petlbench.backbones.peft_adapters import adalora_schedule, adalora_tuner
+from petlbench.backbones.vit import create_backbone
+from petlbench.core.method import BackboneSpec, BuildContext, PetlModel, get_method
+from petlbench.core.options import OptionError
 
 torch.set_num_threads(1)
 

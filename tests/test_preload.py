@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 
-from petlbench.datasets.source import DatasetSource, Sample, sample_id_for
-from petlbench.datasets.views import ViewDataset
-from petlbench.fpt_common import SideTuningModel
-from petlbench.method import BackboneSpec, BuildContext, View, get_method
-from petlbench.options import OptionError
-from petlbench.preload import CACHE_SUBDIR, MANIFEST, CacheSpec, build_cache, ensure_cache, preload
+from petlbench.core.method import BackboneSpec, BuildContext, View, get_method
+from petlbench.core.options import OptionError
+from petlbench.data.source import DatasetSource, Sample, sample_id_for
+from petlbench.data.views import ViewDataset
+from petlbench.fpt.cache import CACHE_SUBDIR, MANIFEST, CacheSpec, build_cache, ensure_cache, preload
+from petlbench.fpt.common import SideTuningModel
 
 torch.set_num_threads(1)
 
@@ -41,8 +41,9 @@ def make_source(root: Path, count: int = 5) -> DatasetSource:
     return DatasetSource("tiny", root, ["c0", "c1"], samples, "official")
 
 
-def build(tmp: Path, res: int = RES, seed: int = 0, key: str = "fpt_plus", **opts: str) -> tuple[Any, SideTuningModel,
-                                                                                                   BuildContext]:
+def build(
+    tmp: Path, res: int = RES, seed: int = 0, key: str = "fpt_plus", **opts: str
+) -> tuple[Any, SideTuningModel, BuildContext]:
     """Method, model and context (tiny ViT, side 32 px, preload workers 0), logging into `ctx.messages`."""
     opts = {"side_res": "32", "preload_workers": "0", "preload_batch_size": "2", **opts}
     method = get_method(key).from_overrides(opts)
@@ -92,8 +93,7 @@ def test_cache_layout_and_manifest(tmp_path: Path) -> None:
     model, _, _ = prepare(tmp_path, source)
     (folder,) = cache_folders(tmp_path)
     assert folder.name.startswith("test_vit-64px-")
-    assert sorted(p.name for p in folder.iterdir()) == ["index.json", "indices.npy", "keys.npy", MANIFEST,
-                                                        "values.npy"]
+    assert sorted(p.name for p in folder.iterdir()) == ["index.json", "indices.npy", "keys.npy", MANIFEST, "values.npy"]
     manifest = json.loads((folder / MANIFEST).read_text())
     n = 3  # floor(0.2 * 17)
     assert manifest["arrays"]["keys"] == {"shape": [5, 6, 2, n, 32], "dtype": "float16"}
@@ -114,8 +114,9 @@ def test_cache_is_reused_without_running_the_lpm(tmp_path: Path) -> None:
     calls: list[int] = []
     model.lpm.register_forward_hook(lambda *_: calls.append(1))
     views = method.views(RES)
-    splits = {n: ViewDataset(source.split(n), views, n == "train", source.mean, source.std)
-              for n in ("train", "val", "test")}
+    splits = {
+        n: ViewDataset(source.split(n), views, n == "train", source.mean, source.std) for n in ("train", "val", "test")
+    }
     model.prepare_data(splits, ctx)
     assert calls == [] and model.preload_info["cache_reused"] is True
     assert model.preload_info["cache_path"] == first.preload_info["cache_path"]
@@ -135,8 +136,13 @@ def test_other_resolution_or_ratio_gets_its_own_cache(tmp_path: Path) -> None:
     with torch.no_grad():
         model.lpm.vit.blocks[0].norm1.weight.add_(0.5)  # other LPM weights: the weights digest differs
     views = method.views(RES)
-    model.prepare_data({n: ViewDataset(source.split(n), views, n == "train", source.mean, source.std)
-                        for n in ("train", "val", "test")}, ctx)
+    model.prepare_data(
+        {
+            n: ViewDataset(source.split(n), views, n == "train", source.mean, source.std)
+            for n in ("train", "val", "test")
+        },
+        ctx,
+    )
     assert not model.preload_info["cache_reused"] and len(cache_folders(tmp_path)) == 4
 
 
@@ -213,8 +219,9 @@ def test_failing_build_leaves_no_cache_and_no_temp_folder(tmp_path: Path) -> Non
     assert not leftover.exists() and not info["cache_reused"]
     assert store.read(store.row("c"))["keys"].tolist() == [[0, 1, 2], [3, 4, 5]]
     with pytest.raises(Exception, match="skipped 1 of 3"):
-        build_cache(tmp_path / "other", spec, lambda: iter([(["a", "b"], {"keys": np.zeros((2, 2, 3))})]),
-                    log=lambda _: None)
+        build_cache(
+            tmp_path / "other", spec, lambda: iter([(["a", "b"], {"keys": np.zeros((2, 2, 3))})]), log=lambda _: None
+        )
     assert not (tmp_path / "other").exists()
 
 

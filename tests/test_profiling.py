@@ -3,6 +3,7 @@ the CPU allocator's own events, a fake NVML backend, a fake clock."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -14,9 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from petlbench.backbone import create_backbone
-from petlbench.method import BackboneSpec, Method, PetlModel
+from petlbench.backbones.vit import create_backbone
+from petlbench.core.method import BackboneSpec, Method, PetlModel
 from petlbench.profiling import (
     FLOPS_UNIT,
     PowerSampler,
@@ -26,6 +28,7 @@ from petlbench.profiling import (
     estimate_model_memory,
     estimate_training_memory,
     flop_count_analysis,
+    flop_counter,
     fvcore_forward,
     make_optimizer,
     memory_sweep,
@@ -40,8 +43,18 @@ from petlbench.profiling.profile import make_method, parse_mem
 
 torch.set_num_threads(1)
 TINY = BackboneSpec("test_vit")
-ALL_KEYS = ["full_ft", "linear_probe", "vpt", "attention_tuning", "adapter", "bitfit", "lora", "adalora",
-            "fpt", "fpt_plus"]
+ALL_KEYS = [
+    "full_ft",
+    "linear_probe",
+    "vpt",
+    "attention_tuning",
+    "adapter",
+    "bitfit",
+    "lora",
+    "adalora",
+    "fpt",
+    "fpt_plus",
+]
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -84,8 +97,7 @@ class MLP(PetlModel):
 
 
 def mlp_spec(batch: int = 32) -> BatchSpec:
-    return BatchSpec({"x": ((batch, 256), torch.float32, "inputs"), "label": ((batch,), torch.int64, "inputs")},
-                     "test")
+    return BatchSpec({"x": ((batch, 256), torch.float32, "inputs"), "label": ((batch,), torch.int64, "inputs")}, "test")
 
 
 def meta_model(factory):  # noqa: ANN001, ANN201
@@ -117,6 +129,51 @@ def test_attention_flops_closed_form_and_failure_mode() -> None:
     # cross-attention with M != N keys and a different value width
     kk, vv = torch.randn(b, h, 10, d), torch.randn(b, h, 10, 16)
     assert flop_count_analysis(SDPA(), (q, kk, vv)).total() == b * h * n * 10 * (d + 16)
+
+
+# Every attention kernel that can be forced on CPU: (model attention flag, SDPA backend, op that must run).
+CPU_KERNELS = {
+    "cpu_flash": ("fused", SDPBackend.FLASH_ATTENTION, "_scaled_dot_product_flash_attention_for_cpu"),
+    "math": ("fused", SDPBackend.MATH, "bmm"),
+    "explicit": ("explicit", None, "bmm"),
+}
+
+
+def _kernel(name: str) -> contextlib.AbstractContextManager[None]:
+    backend = CPU_KERNELS[name][1]
+    return sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("kernel", ["cpu_flash", "math"])
+def test_attention_flops_forward_and_backward_closed_form_on_every_kernel(kernel: str) -> None:
+    """Q·Kᵀ + P·V forward (2 FLOPs per multiply-add) and the four gradient products backward, on each kernel."""
+    b, h, n, m, d, dv = 2, 3, 16, 12, 8, 8  # the CPU flash kernel needs equal key and value widths
+    q = torch.randn(b, h, n, d, requires_grad=True)
+    k, v = torch.randn(b, h, m, d, requires_grad=True), torch.randn(b, h, m, dv, requires_grad=True)
+    forward = 2 * b * h * n * m * (d + dv)
+    counter = flop_counter()
+    with _kernel(kernel), counter:
+        out = F.scaled_dot_product_attention(q, k, v)
+    assert counter.get_total_flops() == forward
+    assert CPU_KERNELS[kernel][2] in {str(op).split(".")[-1] for op in counter.get_flop_counts()["Global"]}
+    with _kernel(kernel), counter:
+        out.sum().backward()
+    assert counter.get_total_flops() == 2 * forward  # (the counter restarts on entry: backward alone)
+
+
+@pytest.mark.parametrize("kernel", list(CPU_KERNELS))
+def test_full_finetuning_train_step_is_three_forwards_on_every_kernel(kernel: str) -> None:
+    """Forward + backward of a full fine-tune ≈ 3× the forward (only the image's own gradient is skipped)."""
+    with _kernel(kernel):
+        row = profile_methods(
+            ["full_ft"], BackboneSpec("vit_tiny_patch16_224"), 64, 2, attention=CPU_KERNELS[kernel][0]
+        )[0]
+    assert (
+        row["flops_by_operator"].get("scaled_dot_product_attention", 0) + row["flops_by_operator"].get("matmul", 0) > 0
+    )
+    assert row["train_step_gflops"] / row["fwd_gflops"] == pytest.approx(3.0, rel=0.02)
+    reference = profile_methods(["full_ft"], BackboneSpec("vit_tiny_patch16_224"), 64, 2, attention="explicit")[0]
+    assert row["train_step_gflops"] == pytest.approx(reference["train_step_gflops"], rel=1e-9)
 
 
 class Bilinear(nn.Module):
@@ -244,8 +301,9 @@ def test_estimator_is_exact_for_dispatched_tensors(attention: str) -> None:
 @pytest.mark.parametrize("target", ["cuda", "cpu"])
 def test_meta_engine_equals_fake_engine_and_full_warmup(attention: str, target: str) -> None:
     def run(engine: str, warmup: str) -> int:
-        return estimate_training_memory(TinyFull(), TINY, 64, 4, attention=attention, target=target,
-                                        engine=engine, warmup=warmup).peak_bytes
+        return estimate_training_memory(
+            TinyFull(), TINY, 64, 4, attention=attention, target=target, engine=engine, warmup=warmup
+        ).peak_bytes
 
     reference = run("fake", "full")
     assert run("fake", "prime") == reference
@@ -294,7 +352,7 @@ def test_estimates_are_deterministic() -> None:
 def test_estimator_allocates_no_real_memory() -> None:
     code = (
         "import resource, json, torch\n"
-        "from petlbench.method import BackboneSpec\n"
+        "from petlbench.core.method import BackboneSpec\n"
         "from petlbench.profiling import estimate_training_memory\n"
         "from petlbench.profiling.profile import make_method\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
@@ -316,8 +374,18 @@ def tiny_rows() -> list[dict]:
 
 
 def test_profile_methods_all_methods(tiny_rows: list[dict]) -> None:
-    required = {"method", "trainable", "total", "ratio_pct", "fwd_gflops", "train_step_gflops", "flops_unit",
-                "est_peak_mem_mb", "est_breakdown_mb", "attention"}
+    required = {
+        "method",
+        "trainable",
+        "total",
+        "ratio_pct",
+        "fwd_gflops",
+        "train_step_gflops",
+        "flops_unit",
+        "est_peak_mem_mb",
+        "est_breakdown_mb",
+        "attention",
+    }
     by_key = {r["method"]: r for r in tiny_rows}
     assert list(by_key) == ALL_KEYS
     for row in tiny_rows:
@@ -411,8 +479,16 @@ def test_step_timer_median_warmup_and_images() -> None:
 class FakeNvml:
     """Scripted NVML: power(t) in mW on a virtual clock, energy counter = its integral in mJ."""
 
-    def __init__(self, clock: FakeClock, power_w, energy: bool = True, fail_init: bool = False,  # noqa: ANN001
-                 mig: bool = False, devices: dict[str, int] | None = None, others: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        clock: FakeClock,
+        power_w,
+        energy: bool = True,
+        fail_init: bool = False,  # noqa: ANN001
+        mig: bool = False,
+        devices: dict[str, int] | None = None,
+        others: tuple[int, ...] = (),
+    ) -> None:
         self.clock, self.power_w, self.energy = clock, power_w, energy
         self.fail_init, self.mig = fail_init, mig
         self.devices = devices or {"GPU-aaaa": 0}
@@ -463,8 +539,11 @@ def drive(sampler: PowerSampler, clock: FakeClock, seconds: float, dt: float = 0
 def test_power_constant_trace() -> None:
     clock = FakeClock()
     fake = FakeNvml(clock, lambda t: 200.0)
-    result = drive(PowerSampler(0, nvml=fake, clock=clock, sync=lambda: None, background=False, pid=12345,
-                                uuid="GPU-aaaa"), clock, 10.0)
+    result = drive(
+        PowerSampler(0, nvml=fake, clock=clock, sync=lambda: None, background=False, pid=12345, uuid="GPU-aaaa"),
+        clock,
+        10.0,
+    )
     assert result["energy_j"] == pytest.approx(2000.0, rel=0.005)
     assert result["power_avg_w"] == pytest.approx(200.0, rel=0.005)
     assert result["power_peak_w"] == 200.0 and result["power_mean_sampled_w"] == 200.0
@@ -479,8 +558,13 @@ def test_power_step_trace_and_counterless_backend() -> None:
 
     for energy in (True, False):
         clock = FakeClock()
-        result = drive(PowerSampler(0, nvml=FakeNvml(clock, trace, energy=energy), clock=clock, sync=lambda: None,
-                                    background=False), clock, 10.0)
+        result = drive(
+            PowerSampler(
+                0, nvml=FakeNvml(clock, trace, energy=energy), clock=clock, sync=lambda: None, background=False
+            ),
+            clock,
+            10.0,
+        )
         assert result["power_peak_w"] == 300.0
         assert result["energy_j"] == pytest.approx(2000.0, rel=0.02)  # 5 s x 100 W + 5 s x 300 W
         assert result["power_avg_w"] <= result["power_peak_w"] and result["avg_le_peak"]
@@ -489,8 +573,10 @@ def test_power_step_trace_and_counterless_backend() -> None:
 
 def test_power_not_available() -> None:
     clock = FakeClock()
-    for fake, words in ((FakeNvml(clock, lambda t: 1.0, fail_init=True), "NVMLError_LibraryNotFound"),
-                        (FakeNvml(clock, lambda t: 1.0, mig=True), "MIG")):
+    for fake, words in (
+        (FakeNvml(clock, lambda t: 1.0, fail_init=True), "NVMLError_LibraryNotFound"),
+        (FakeNvml(clock, lambda t: 1.0, mig=True), "MIG"),
+    ):
         result = PowerSampler(0, nvml=fake, clock=clock, sync=lambda: None).start().stop()
         assert words in result["reason"]
         assert all(result[k] is None for k in ("power_peak_w", "power_avg_w", "energy_j", "n_samples"))
@@ -499,8 +585,11 @@ def test_power_not_available() -> None:
 def test_power_maps_the_gpu_by_uuid_and_flags_shared_gpus() -> None:
     clock = FakeClock()
     fake = FakeNvml(clock, lambda t: 50.0, devices={"GPU-aaaa": 1, "GPU-bbbb": 0}, others=(999,))
-    result = drive(PowerSampler(0, nvml=fake, uuid="GPU-aaaa", clock=clock, sync=lambda: None, background=False,
-                                pid=12345), clock, 1.0)
+    result = drive(
+        PowerSampler(0, nvml=fake, uuid="GPU-aaaa", clock=clock, sync=lambda: None, background=False, pid=12345),
+        clock,
+        1.0,
+    )
     assert result["device_name"] == "Fake GPU 1" and result["gpu_mapping"] == "uuid"
     assert result["gpu_shared"] is True
 
@@ -521,7 +610,7 @@ def test_power_thread_stops_promptly_even_on_exceptions() -> None:
 def _app():  # noqa: ANN202
     import typer
 
-    from petlbench.commands.profile import register
+    from petlbench.cli.profile import register
 
     app = typer.Typer()
     register(app)
@@ -532,13 +621,43 @@ def test_cli_profile_and_memory_json() -> None:
     from typer.testing import CliRunner
 
     runner = CliRunner()
-    result = runner.invoke(_app(), ["profile", "--methods", "full_ft,fpt_plus", "--backbone", "test_vit",
-                                    "--res", "64", "--batch-size", "2", "--json", "--attention", "explicit"])
+    result = runner.invoke(
+        _app(),
+        [
+            "profile",
+            "--methods",
+            "full_ft,fpt_plus",
+            "--backbone",
+            "test_vit",
+            "--res",
+            "64",
+            "--batch-size",
+            "2",
+            "--json",
+            "--attention",
+            "explicit",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert [r["method"] for r in rows] == ["full_ft", "fpt_plus"] and rows[0]["attention"] == "explicit"
-    result = runner.invoke(_app(), ["memory", "--methods", "bitfit", "--backbone", "test_vit", "--res", "32,64",
-                                    "--batch-size", "2", "--gpu-mem", "48GB", "--json"])
+    result = runner.invoke(
+        _app(),
+        [
+            "memory",
+            "--methods",
+            "bitfit",
+            "--backbone",
+            "test_vit",
+            "--res",
+            "32,64",
+            "--batch-size",
+            "2",
+            "--gpu-mem",
+            "48GB",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert [r["res"] for r in rows] == [32, 64] and rows[0]["exceeds_budget"] is False
@@ -551,9 +670,26 @@ def test_cli_bench_writes_reports(tmp_path) -> None:  # noqa: ANN001
     from typer.testing import CliRunner
 
     md, js = tmp_path / "bench.md", tmp_path / "bench.json"
-    result = CliRunner().invoke(_app(), ["bench", "--methods", "full_ft,linear_probe,fpt_plus", "--backbone",
-                                         "test_vit", "--res", "64", "--batch-size", "2", "--steps", "2",
-                                         "--out", str(md), "--json-out", str(js)])
+    result = CliRunner().invoke(
+        _app(),
+        [
+            "bench",
+            "--methods",
+            "full_ft,linear_probe,fpt_plus",
+            "--backbone",
+            "test_vit",
+            "--res",
+            "64",
+            "--batch-size",
+            "2",
+            "--steps",
+            "2",
+            "--out",
+            str(md),
+            "--json-out",
+            str(js),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(js.read_text())
     rows = {r["method"]: r for r in report["rows"]}

@@ -9,31 +9,48 @@ from typing import Any
 import numpy as np
 import pytest
 
+from petlbench.core.results import ResultStore
 from petlbench.reports import build_report, load_introspection, parse_gpu_mem, pme, ppe, save_introspection
 from petlbench.reports import figures as figs
 from petlbench.reports import tables as tbl
 from petlbench.reports.collect import load_runs
 from petlbench.reports.introspection import introspection_arrays
 from petlbench.reports.render import to_csv, to_latex, to_markdown
-from petlbench.results import ResultStore
 
 # ----------------------------------------------------------------------------------------------------------
 # Fixture: a small results store written with ResultStore.save
 # ----------------------------------------------------------------------------------------------------------
 
 FPT_DEFAULTS: dict[str, Any] = {
-    "num_prompts": 16, "reduction": 8, "side_layers": 6, "side_res": None, "token_ratio": 0.2,
-    "fusion": "cross_attention", "use_lpm": True, "asymmetric": True, "token_selection": True, "preload": True,
+    "num_prompts": 16,
+    "reduction": 8,
+    "side_layers": 6,
+    "side_res": None,
+    "token_ratio": 0.2,
+    "fusion": "cross_attention",
+    "use_lpm": True,
+    "asymmetric": True,
+    "token_selection": True,
+    "preload": True,
 }
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "full_ft": {}, "linear_probe": {}, "bitfit": {}, "lora": {"r": 16, "alpha": 16}, "fpt_plus": FPT_DEFAULTS,
+    "full_ft": {},
+    "linear_probe": {},
+    "bitfit": {},
+    "lora": {"r": 16, "alpha": 16},
+    "fpt_plus": FPT_DEFAULTS,
     "fpt": {**FPT_DEFAULTS, "side_layers": 12},
 }
-NAMES = {"full_ft": "Full fine-tuning", "linear_probe": "Linear probing", "bitfit": "BitFit", "lora": "LoRA",
-         "fpt_plus": "FPT+", "fpt": "FPT"}
+NAMES = {
+    "full_ft": "Full fine-tuning",
+    "linear_probe": "Linear probing",
+    "bitfit": "BitFit",
+    "lora": "LoRA",
+    "fpt_plus": "FPT+",
+    "fpt": "FPT",
+}
 RATIO = {"full_ft": 100.0, "linear_probe": 0.01, "bitfit": 0.12, "lora": 0.68, "fpt_plus": 1.03, "fpt": 1.81}
-MEM = {"full_ft": 20000.0, "linear_probe": 3000.0, "bitfit": 18000.0, "lora": 19000.0, "fpt_plus": 700.0,
-       "fpt": 1800.0}
+MEM = {"full_ft": 20000.0, "linear_probe": 3000.0, "bitfit": 18000.0, "lora": 19000.0, "fpt_plus": 700.0, "fpt": 1800.0}
 
 
 def fake_defaults(method: str) -> dict[str, Any] | None:
@@ -42,9 +59,18 @@ def fake_defaults(method: str) -> dict[str, Any] | None:
 
 
 def make_record(
-    method: str, dataset: str, auc: float | None, seed: int = 0, status: str = "finished", weights: str = "w-sup",
-    res: int = 512, options: dict[str, Any] | None = None, mem: float | None = None, estimated: bool = False,
-    tag: str = "", **eff: Any,
+    method: str,
+    dataset: str,
+    auc: float | None,
+    seed: int = 0,
+    status: str = "finished",
+    weights: str = "w-sup",
+    res: int = 512,
+    options: dict[str, Any] | None = None,
+    mem: float | None = None,
+    estimated: bool = False,
+    tag: str = "",
+    **eff: Any,
 ) -> dict[str, Any]:
     """One fake result record with the fields reports read."""
     opts = {**DEFAULTS[method], **(options or {})}
@@ -57,11 +83,25 @@ def make_record(
         efficiency.update(peak_mem_mb=mem, peak_mem_source="estimated")
     efficiency.update(eff)
     record: dict[str, Any] = {
-        "schema": 1, "run_id": run_id, "status": status, "error": None if status == "finished" else status,
+        "schema": 1,
+        "run_id": run_id,
+        "status": status,
+        "error": None if status == "finished" else status,
         "method_name": NAMES[method],
-        "config": {"method": method, "dataset": dataset, "backbone": "vit_base_patch16_224", "weights": weights,
-                   "res": res, "epochs": 20, "batch_size": 16, "lr": 1e-3, "weight_decay": 0.1, "seed": seed,
-                   "method_options": opts, "device": "cuda"},
+        "config": {
+            "method": method,
+            "dataset": dataset,
+            "backbone": "vit_base_patch16_224",
+            "weights": weights,
+            "res": res,
+            "epochs": 20,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "weight_decay": 0.1,
+            "seed": seed,
+            "method_options": opts,
+            "device": "cuda",
+        },
         "environment": {"device": {"name": "NVIDIA H100"}},
         "params": {"trainable": int(RATIO[method] * 1e4), "total": 1_000_000, "ratio_pct": RATIO[method]},
     }
@@ -75,12 +115,23 @@ def write_fixture(root: Path) -> ResultStore:
     """Write the fixture runs: two datasets, two weights, a failed run, an OOM run, a missing cell, ablations."""
     store = ResultStore(root)
     power = {"available": True, "power_peak_w": 300.0, "power_avg_w": 250.0, "energy_j": 50_000.0, "interval_s": 0.1}
-    eff = {"fwd_gflops": 87.84, "flops_unit": "GMAC", "train_seconds": 1000.0, "train_images_per_s": 20.0,
-           "power": power}
-    fpt_eff = {**eff, "fwd_gflops": 0.06, "train_seconds": 90.0, "train_images_per_s": 350.0,
-               "power": {**power, "power_peak_w": 114.0, "power_avg_w": 107.0, "energy_j": 9_700.0},
-               "preload": {"preloaded": True, "preload_seconds": 30.0, "num_images": 1000, "cache_reused": False},
-               "preload_seconds": 30.0, "preload_gflops_per_image": 87.84}
+    eff = {
+        "fwd_gflops": 87.84,
+        "flops_unit": "GMAC",
+        "train_seconds": 1000.0,
+        "train_images_per_s": 20.0,
+        "power": power,
+    }
+    fpt_eff = {
+        **eff,
+        "fwd_gflops": 0.06,
+        "train_seconds": 90.0,
+        "train_images_per_s": 350.0,
+        "power": {**power, "power_peak_w": 114.0, "power_avg_w": 107.0, "energy_j": 9_700.0},
+        "preload": {"preloaded": True, "preload_seconds": 30.0, "num_images": 1000, "cache_reused": False},
+        "preload_seconds": 30.0,
+        "preload_gflops_per_image": 87.84,
+    }
     records = [
         make_record("full_ft", "dsA", 90.0, seed=0, **eff),
         make_record("full_ft", "dsA", 92.0, seed=1, **eff),
@@ -91,8 +142,16 @@ def write_fixture(root: Path) -> ResultStore:
         make_record("lora", "dsA", 88.0, **{**eff, "fwd_gflops": 107.89, "train_seconds": 1010.0}),
         make_record("lora", "dsB", None, status="failed"),  # a failed run
         make_record("fpt_plus", "dsA", 89.0, seed=0, **fpt_eff),
-        make_record("fpt_plus", "dsA", 91.0, seed=1, **{**fpt_eff, "preload": {"preloaded": True,
-                    "preload_seconds": 0.2, "num_images": 1000, "cache_reused": True}}),
+        make_record(
+            "fpt_plus",
+            "dsA",
+            91.0,
+            seed=1,
+            **{
+                **fpt_eff,
+                "preload": {"preloaded": True, "preload_seconds": 0.2, "num_images": 1000, "cache_reused": True},
+            },
+        ),
         make_record("fpt_plus", "dsB", 84.0, **fpt_eff),
         # second pre-trained weights: a second section of Table I
         make_record("full_ft", "dsA", 88.0, weights="w-dino"),
@@ -113,23 +172,41 @@ def write_fixture(root: Path) -> ResultStore:
         make_record("fpt_plus", "dsA", 86.0, options={"side_layers": 3}, mem=600.0, tag="l3"),
         make_record("fpt_plus", "dsA", 89.5, options={"token_ratio": 0.5}, mem=1500.0, tag="t5"),
         make_record("fpt_plus", "dsA", 75.0, options={"use_lpm": False}, mem=300.0, tag="c0"),
-        make_record("fpt_plus", "dsA", 84.0, options={"fusion": "mlp", "asymmetric": False, "token_selection": False,
-                                                     "preload": False}, mem=9000.0, tag="c1"),
-        make_record("fpt_plus", "dsA", 86.0, options={"asymmetric": False, "token_selection": False,
-                                                     "preload": False}, mem=4000.0, tag="c2"),
+        make_record(
+            "fpt_plus",
+            "dsA",
+            84.0,
+            options={"fusion": "mlp", "asymmetric": False, "token_selection": False, "preload": False},
+            mem=9000.0,
+            tag="c1",
+        ),
+        make_record(
+            "fpt_plus",
+            "dsA",
+            86.0,
+            options={"asymmetric": False, "token_selection": False, "preload": False},
+            mem=4000.0,
+            tag="c2",
+        ),
     ]
     for record in records:
         store.save(record)
     yy, xx = np.mgrid[0:64, 0:64]
     disc = (((yy - 28) ** 2 + (xx - 36) ** 2) < 15**2)[..., None] * np.array([0.8, 0.3, 0.1])
     images = np.stack([disc + 0.1, disc[::-1] + 0.1]).clip(0, 1)  # two fundus-like discs
-    save_introspection(store.run_dir("fpt_plus-dsA-w-sup-512-s0"), {
-        "layer_prompt_attention": np.linspace(0.1, 0.35, 6),
-        "images": images,
-        "token_indices": np.array([[0, 1, 6, 11], [3, 4, 16, 9]]),
-        "token_attention": np.array([[0.1, 0.4, 0.3, 0.2], [0.25, 0.25, 0.3, 0.2]]),
-        "patch_size": 16, "layer": 11, "head": 0, "labels": np.array([0, 1]),
-    })
+    save_introspection(
+        store.run_dir("fpt_plus-dsA-w-sup-512-s0"),
+        {
+            "layer_prompt_attention": np.linspace(0.1, 0.35, 6),
+            "images": images,
+            "token_indices": np.array([[0, 1, 6, 11], [3, 4, 16, 9]]),
+            "token_attention": np.array([[0.1, 0.4, 0.3, 0.2], [0.25, 0.25, 0.3, 0.2]]),
+            "patch_size": 16,
+            "layer": 11,
+            "head": 0,
+            "labels": np.array([0, 1]),
+        },
+    )
     return store
 
 
@@ -250,8 +327,11 @@ def test_preloading_row_from_the_run_that_built_a_shared_cache(tmp_path: Path) -
     store = ResultStore(tmp_path)
     cache = {"preloaded": True, "cache_path": "cache/x", "num_images": 84}
     store.save(make_record("fpt", "dsA", 80.0, preload={**cache, "cache_reused": False, "preload_seconds": 42.0}))
-    store.save(make_record("fpt_plus", "dsA", 81.0, preload={**cache, "cache_reused": True, "preload_seconds": 0.0},
-                           train_seconds=50.0))
+    store.save(
+        make_record(
+            "fpt_plus", "dsA", 81.0, preload={**cache, "cache_reused": True, "preload_seconds": 0.0}, train_seconds=50.0
+        )
+    )
     runs = load_runs(tmp_path, fake_defaults)
     table = tbl.table_efficiency(runs, tbl.select_main(runs))
     assert _row(to_markdown(table), "Preloading (FPT+)") == "| Preloading (FPT+) | — | 42.00 | 2.00 | — | — | — |"
@@ -305,9 +385,14 @@ def test_introspection_roundtrip(tmp_path: Path) -> None:
     assert load_introspection(tmp_path)["layer_prompt_attention"].tolist() == [0.1, 0.2]
     with pytest.raises(ValueError):
         save_introspection(tmp_path, {"images": np.zeros((1, 8, 8, 3))})  # Figure 9 needs all its keys
-    maps = {"side_attention_mass": np.array([0.2, 0.3]), "prompt_attention": np.random.rand(3, 2, 4, 5, 7),
-            "selected_indices": np.random.randint(0, 17, size=(3, 2, 4, 7)), "grid": 4, "num_prefix_tokens": 1,
-            "lpm_layers": [10, 11]}
+    maps = {
+        "side_attention_mass": np.array([0.2, 0.3]),
+        "prompt_attention": np.random.rand(3, 2, 4, 5, 7),
+        "selected_indices": np.random.randint(0, 17, size=(3, 2, 4, 7)),
+        "grid": 4,
+        "num_prefix_tokens": 1,
+        "lpm_layers": [10, 11],
+    }
     arrays = introspection_arrays(maps, np.random.rand(3, 3, 64, 64), max_images=2)
     assert arrays["images"].shape == (2, 64, 64, 3) and arrays["token_indices"].shape == (2, 7)
     assert int(arrays["patch_size"]) == 16 and int(arrays["layer"]) == 11
@@ -321,26 +406,42 @@ def _png_ok(paths: list[Path]) -> None:
 
 
 def test_every_figure_writes_png(tmp_path: Path) -> None:
-    points = [{"method": "full_ft", "label": "Full FT", "ratio_pct": 100.0, "avg_auc": 85.5, "mem_mb": 20000.0},
-              {"method": "fpt_plus", "label": "FPT+", "ratio_pct": 1.03, "avg_auc": 87.0, "mem_mb": 700.0},
-              {"method": "lora", "label": "LoRA", "ratio_pct": 0.68, "avg_auc": 86.0, "mem_mb": None}]
+    points = [
+        {"method": "full_ft", "label": "Full FT", "ratio_pct": 100.0, "avg_auc": 85.5, "mem_mb": 20000.0},
+        {"method": "fpt_plus", "label": "FPT+", "ratio_pct": 1.03, "avg_auc": 87.0, "mem_mb": 700.0},
+        {"method": "lora", "label": "LoRA", "ratio_pct": 0.68, "avg_auc": 86.0, "mem_mb": None},
+    ]
     _png_ok(figs.figure_auc_vs_params(points, tmp_path / "f1"))
-    rows = [{"method": m, "res": r, "est_peak_mem_mb": mem * r * r / 512**2, "exceeds_budget": False}
-            for m, mem in (("full_ft", 20000.0), ("fpt_plus", 700.0)) for r in (128, 256, 512, 1024)]
+    rows = [
+        {"method": m, "res": r, "est_peak_mem_mb": mem * r * r / 512**2, "exceeds_budget": False}
+        for m, mem in (("full_ft", 20000.0), ("fpt_plus", 700.0))
+        for r in (128, 256, 512, 1024)
+    ]
     rows.append({"method": "lora", "res": 512, "mem_mb": None, "oom": True})
     _png_ok(figs.figure_memory_vs_resolution(rows, tmp_path / "f2", gpu_mem_mb=49152.0, gpu_label="48 GiB"))
-    sweep = [{"x": 3, "avg_auc": 86.0, "ppe": 85.8, "pme": 85.0, "mem_mb": 600.0},
-             {"x": 6, "avg_auc": 87.0, "ppe": 86.7, "pme": 85.9, "mem_mb": 700.0},
-             {"x": 9, "avg_auc": None, "ppe": None, "pme": None, "mem_mb": None}]
+    sweep = [
+        {"x": 3, "avg_auc": 86.0, "ppe": 85.8, "pme": 85.0, "mem_mb": 600.0},
+        {"x": 6, "avg_auc": 87.0, "ppe": 86.7, "pme": 85.9, "mem_mb": 700.0},
+        {"x": 9, "avg_auc": None, "ppe": None, "pme": None, "mem_mb": None},
+    ]
     _png_ok(figs.figure_sweep(sweep, tmp_path / "f5", "Side layers"))
-    _png_ok(figs.figure_prompt_attention({"FPT": np.linspace(0.1, 0.4, 12), "FPT+": np.linspace(0.2, 0.3, 6)},
-                                         tmp_path / "f6"))
-    steps = [{"label": "Side network only", "avg_auc": 74.7, "mem_mb": 8214.0},
-             {"label": "+ LPM knowledge (MLP)", "avg_auc": 84.0, "mem_mb": 35682.0},
-             {"label": "+ Preloading (FPT+)", "avg_auc": 87.1, "mem_mb": None}]
+    _png_ok(
+        figs.figure_prompt_attention(
+            {"FPT": np.linspace(0.1, 0.4, 12), "FPT+": np.linspace(0.2, 0.3, 6)}, tmp_path / "f6"
+        )
+    )
+    steps = [
+        {"label": "Side network only", "avg_auc": 74.7, "mem_mb": 8214.0},
+        {"label": "+ LPM knowledge (MLP)", "avg_auc": 84.0, "mem_mb": 35682.0},
+        {"label": "+ Preloading (FPT+)", "avg_auc": 87.1, "mem_mb": None},
+    ]
     _png_ok(figs.figure_components(steps, tmp_path / "f7"))
-    sample = {"image": np.random.rand(64, 64, 3), "token_indices": [0, 1, 5, 16],
-              "token_attention": [0.1, 0.5, 0.3, 0.1], "patch_size": 16}
+    sample = {
+        "image": np.random.rand(64, 64, 3),
+        "token_indices": [0, 1, 5, 16],
+        "token_attention": [0.1, 0.5, 0.3, 0.1],
+        "patch_size": 16,
+    }
     _png_ok(figs.figure_token_attention([sample, sample], tmp_path / "f9"))
 
 
@@ -354,8 +455,15 @@ def test_build_report(store: ResultStore, tmp_path: Path) -> None:
         for suffix in ("md", "tex", "csv"):
             assert (out / f"{stem}.{suffix}").stat().st_size > 0
         assert f"({stem}.md)" in text
-    for stem in ("figure1_auc_vs_params", "figure2_memory_vs_resolution", "figure5_side_layers",
-                 "figure6_prompt_attention", "figure7_components", "figure8_token_ratio", "figure9_token_attention"):
+    for stem in (
+        "figure1_auc_vs_params",
+        "figure2_memory_vs_resolution",
+        "figure5_side_layers",
+        "figure6_prompt_attention",
+        "figure7_components",
+        "figure8_token_ratio",
+        "figure9_token_attention",
+    ):
         _png_ok([out / f"{stem}.png"])
         assert f"({stem}.png)" in text
     assert "Table IV — *not available*: no FPT+ runs varying side_res" in text
@@ -389,13 +497,26 @@ def test_memory_estimate_figure_and_index(tmp_path: Path) -> None:
     from petlbench.reports.build import memory_estimate_figure
 
     budget = parse_gpu_mem("48GB")
-    rows = [{"method": m, "res": r, "est_peak_mem_mb": base * (r / 128) ** 2,
-             "exceeds_budget": base * (r / 128) ** 2 * 2**20 > budget}
-            for m, base in (("full_ft", 7800.0), ("linear_probe", 1600.0), ("fpt_plus", 570.0))
-            for r in (128, 256, 384, 512, 640, 1024, 2048)]
+    rows = [
+        {
+            "method": m,
+            "res": r,
+            "est_peak_mem_mb": base * (r / 128) ** 2,
+            "exceeds_budget": base * (r / 128) ** 2 * 2**20 > budget,
+        }
+        for m, base in (("full_ft", 7800.0), ("linear_probe", 1600.0), ("fpt_plus", 570.0))
+        for r in (128, 256, 384, 512, 640, 1024, 2048)
+    ]
     out = tmp_path / "reports"
-    paths = memory_estimate_figure(["full_ft", "linear_probe", "fpt_plus"], "vit_large_patch16_224",
-                                   [128, 256, 384, 512, 640, 1024, 2048], 16, "48GB", out, rows=rows)
+    paths = memory_estimate_figure(
+        ["full_ft", "linear_probe", "fpt_plus"],
+        "vit_large_patch16_224",
+        [128, 256, 384, 512, 640, 1024, 2048],
+        16,
+        "48GB",
+        out,
+        rows=rows,
+    )
     _png_ok(paths)
     assert (out / "figure2_memory_estimate.csv").read_text().count("\n") == len(rows) + 1
     index = build_report(tmp_path / "no-results", out, defaults=fake_defaults).read_text()
@@ -412,12 +533,27 @@ def test_plot_memory_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
     def fake_sweep(keys, backbone, resolutions, batch_size, gpu_mem_bytes=None):  # noqa: ANN001, ANN202
         calls.append((list(keys), backbone.name, list(resolutions), batch_size, gpu_mem_bytes))
-        return [{"method": k, "res": r, "est_peak_mem_mb": 100.0 * r, "exceeds_budget": False}
-                for k in keys for r in resolutions]
+        return [
+            {"method": k, "res": r, "est_peak_mem_mb": 100.0 * r, "exceeds_budget": False}
+            for k in keys
+            for r in resolutions
+        ]
 
     monkeypatch.setattr(profiling, "memory_sweep", fake_sweep, raising=False)
-    args = ["plot", "memory", "--methods", "full_ft,fpt_plus", "--backbone", "vit_large_patch16_224",
-            "--res", "128,256", "--batch-size", "16", "--out", str(tmp_path)]
+    args = [
+        "plot",
+        "memory",
+        "--methods",
+        "full_ft,fpt_plus",
+        "--backbone",
+        "vit_large_patch16_224",
+        "--res",
+        "128,256",
+        "--batch-size",
+        "16",
+        "--out",
+        str(tmp_path),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert calls == [(["full_ft", "fpt_plus"], "vit_large_patch16_224", [128, 256], 16, 48 * 2**30)]

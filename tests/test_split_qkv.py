@@ -9,10 +9,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from timm.layers import Attention
 
-from petlbench.backbone import create_backbone
-from petlbench.method import BackboneSpec
-from petlbench.peft_utils import QV_TARGET_REGEX
-from petlbench.split_qkv import SplitQKVAttention, merge_qkv, split_qkv
+from petlbench.backbones.peft_adapters import QV_TARGET_REGEX
+from petlbench.backbones.split_qkv import SplitQKVAttention, merge_qkv, split_qkv
+from petlbench.backbones.vit import create_backbone
+from petlbench.core.method import BackboneSpec
 
 torch.set_num_threads(1)
 

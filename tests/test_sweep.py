@@ -16,8 +16,8 @@ import yaml
 from typer.testing import CliRunner
 
 from petlbench.cli import app
-from petlbench.config import RunConfig
-from petlbench.results import FAILED, FINISHED, RUNNING, ResultStore
+from petlbench.core.config import RunConfig
+from petlbench.core.results import FAILED, FINISHED, RUNNING, ResultStore
 from petlbench.sweep.plan import Cell, CellPlan, Group, select_point
 from petlbench.sweep.spec import SweepSpecError, load_spec, parse_spec
 
@@ -163,7 +163,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny 2-class synthetic dataset (32 px; 8/2/4 images per class in train/val/test)."""
-    from petlbench.datasets.synthetic import generate
+    from petlbench.data.synthetic import generate
 
     return generate(tmp_path_factory.mktemp("data") / "lesions", n_per_class=14, size=32, num_classes=2, seed=0)
 
@@ -171,12 +171,23 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_sweep_selects_best_lr_and_survives_sigkill(tiny_data: Path, tmp_path: Path) -> None:
     spec = tmp_path / "tiny.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "tiny", "methods": ["full_ft", "linear_probe"], "datasets": [str(tiny_data)],
-        "backbones": ["test_vit"], "resolutions": [32], "seeds": [0, 1],
-        "grid": {"lr": [1e-4, 3e-2], "weight_decay": [0.1]}, "epochs": 2, "batch_size": 4, "device": "cpu",
-        "profile": False,
-    }))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "methods": ["full_ft", "linear_probe"],
+                "datasets": [str(tiny_data)],
+                "backbones": ["test_vit"],
+                "resolutions": [32],
+                "seeds": [0, 1],
+                "grid": {"lr": [1e-4, 3e-2], "weight_decay": [0.1]},
+                "epochs": 2,
+                "batch_size": 4,
+                "device": "cpu",
+                "profile": False,
+            }
+        )
+    )
     results = tmp_path / "results"
     # The dry run knows the search run ids once the data is there.
     dry = invoke("sweep", str(spec), "--dry-run", "--results", str(results))
@@ -244,9 +255,30 @@ def test_sweep_selects_best_lr_and_survives_sigkill(tiny_data: Path, tmp_path: P
 
 def test_flags_alone_make_a_sweep(tiny_data: Path, tmp_path: Path) -> None:
     result = invoke(
-        "sweep", "--methods", "linear_probe,lora", "--datasets", str(tiny_data), "--backbones", "test_vit",
-        "--res", "32", "--seeds", "0,1,2", "--lr", "1e-3,1e-2", "--weight-decay", "0,0.1", "--opt", "lora.r=4",
-        "--opt", "lora.r=8", "--epochs", "1", "--dry-run", "--results", str(tmp_path / "r"),
+        "sweep",
+        "--methods",
+        "linear_probe,lora",
+        "--datasets",
+        str(tiny_data),
+        "--backbones",
+        "test_vit",
+        "--res",
+        "32",
+        "--seeds",
+        "0,1,2",
+        "--lr",
+        "1e-3,1e-2",
+        "--weight-decay",
+        "0,0.1",
+        "--opt",
+        "lora.r=4",
+        "--opt",
+        "lora.r=8",
+        "--epochs",
+        "1",
+        "--dry-run",
+        "--results",
+        str(tmp_path / "r"),
     )
     assert result.exit_code == 0, result.output
     # 3 cells (linear_probe, lora r=4, lora r=8) x (4 grid points + 2 more seeds)
@@ -264,17 +296,35 @@ def test_failed_runs_are_recorded_with_reasons_and_block_their_finals(tiny_data:
     from petlbench.sweep.status import sweep_status
 
     data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
-    spec = parse_spec({"methods": ["linear_probe"], "datasets": [str(data)], "backbones": ["test_vit"],
-                       "resolutions": [32], "seeds": [0, 1], "grid": {"lr": [1e-3, 1e-2]}, "epochs": 1,
-                       "batch_size": 4, "profile": False}, "t.yaml")
+    spec = parse_spec(
+        {
+            "methods": ["linear_probe"],
+            "datasets": [str(data)],
+            "backbones": ["test_vit"],
+            "resolutions": [32],
+            "seeds": [0, 1],
+            "grid": {"lr": [1e-3, 1e-2]},
+            "epochs": 1,
+            "batch_size": 4,
+            "profile": False,
+        },
+        "t.yaml",
+    )
     results = tmp_path / "results"
     plan = build_plan(spec, results, device="cpu")
     assert plan.total == 3 and not plan.missing
     shutil.rmtree(data / "train")  # the data goes away between planning and training
     store = ResultStore(results)
     scheduler = run_sweep(plan, store, LocalExecutor())
-    assert scheduler.counts() == {"total": 3, "done": 0, "skipped": 0, "failed": 2, "running": 0, "blocked": 1,
-                                  "pending": 0}
+    assert scheduler.counts() == {
+        "total": 3,
+        "done": 0,
+        "skipped": 0,
+        "failed": 2,
+        "running": 0,
+        "blocked": 1,
+        "pending": 0,
+    }
     rows = store.rows()
     assert len(rows) == 2 and all(r["status"] == FAILED and r["error"] for r in rows)
     status = sweep_status(plan, store)
@@ -289,9 +339,20 @@ def test_local_pool_runs_in_parallel_exactly_once(tiny_data: Path, tmp_path: Pat
     from petlbench.sweep.executors import PoolExecutor, run_sweep
     from petlbench.sweep.plan import build_plan
 
-    spec = parse_spec({"methods": ["linear_probe", "bitfit"], "datasets": [str(tiny_data)], "backbones": ["test_vit"],
-                       "resolutions": [32], "seeds": [0, 1], "grid": {"lr": [1e-3, 1e-2]}, "epochs": 1,
-                       "batch_size": 4, "profile": False}, "t.yaml")
+    spec = parse_spec(
+        {
+            "methods": ["linear_probe", "bitfit"],
+            "datasets": [str(tiny_data)],
+            "backbones": ["test_vit"],
+            "resolutions": [32],
+            "seeds": [0, 1],
+            "grid": {"lr": [1e-3, 1e-2]},
+            "epochs": 1,
+            "batch_size": 4,
+            "profile": False,
+        },
+        "t.yaml",
+    )
     results = tmp_path / "results"
     plan = build_plan(spec, results, device="cpu")
     store = ResultStore(results)

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from petlbench.results import FINISHED, ResultStore
+from petlbench.core.results import FINISHED, ResultStore
 
 pytest.importorskip("ray")
 
@@ -45,10 +45,17 @@ def _free_port() -> int:
 def _node_args() -> list[str]:
     """Flags of one node: loopback address, 1 CPU, a small object store, and its own free ports."""
     return [
-        f"--node-ip-address={NODE_IP}", "--num-cpus=1", "--num-gpus=0", f"--object-store-memory={80 * 2**20}",
-        "--block", "--disable-usage-stats", f"--dashboard-agent-listen-port={_free_port()}",
-        f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}", f"--node-manager-port={_free_port()}",
+        f"--node-ip-address={NODE_IP}",
+        "--num-cpus=1",
+        "--num-gpus=0",
+        f"--object-store-memory={80 * 2**20}",
+        "--block",
+        "--disable-usage-stats",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+        f"--node-manager-port={_free_port()}",
         f"--object-manager-port={_free_port()}",
     ]
 
@@ -120,20 +127,38 @@ def ray_cluster() -> Iterator[Cluster]:
     """A head node and a worker node (1 CPU each) on loopback; everything is killed at the end, even on failure."""
     temp_dir = Path(tempfile.mkdtemp(prefix="prt", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
     env = dict(os.environ)
-    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", OMP_NUM_THREADS="1",
-               PETLBENCH_CACHE=str(temp_dir / "cache"), **{MARKER: str(temp_dir)})
+    env.update(
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1",
+        OMP_NUM_THREADS="1",
+        PETLBENCH_CACHE=str(temp_dir / "cache"),
+        **{MARKER: str(temp_dir)},
+    )
     env.pop("RAY_ADDRESS", None)
     port = _free_port()
-    system_config = json.dumps({"health_check_period_ms": 1000, "health_check_failure_threshold": 3,
-                                "health_check_initial_delay_ms": 1000})
+    system_config = json.dumps(
+        {"health_check_period_ms": 1000, "health_check_failure_threshold": 3, "health_check_initial_delay_ms": 1000}
+    )
     procs: list[subprocess.Popen] = []
     try:
         head_log = temp_dir / "head.log"
         head = subprocess.Popen(
-            [str(RAY), "start", "--head", f"--port={port}", "--include-dashboard=false",
-             f"--dashboard-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
-             f"--temp-dir={temp_dir}", f"--system-config={system_config}", *_node_args()],
-            stdout=open(head_log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,  # noqa: SIM115
+            [
+                str(RAY),
+                "start",
+                "--head",
+                f"--port={port}",
+                "--include-dashboard=false",
+                f"--dashboard-port={_free_port()}",
+                f"--ray-client-server-port={_free_port()}",
+                f"--temp-dir={temp_dir}",
+                f"--system-config={system_config}",
+                *_node_args(),
+            ],
+            stdout=open(head_log, "w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # noqa: SIM115
         )
         procs.append(head)
         _wait_for_log(head_log, "Ray runtime started", head, timeout=120)
@@ -141,7 +166,10 @@ def ray_cluster() -> Iterator[Cluster]:
         worker_log = temp_dir / "worker.log"
         worker = subprocess.Popen(
             [str(RAY), "start", f"--address={address}", *_node_args()],
-            stdout=open(worker_log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,  # noqa: SIM115
+            stdout=open(worker_log, "w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # noqa: SIM115
         )
         procs.append(worker)
         _wait_for_log(worker_log, "Ray runtime started", worker, timeout=120)
@@ -175,21 +203,45 @@ def _records(results: Path) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.slow
 def test_ray_sweep_survives_losing_a_worker_node(ray_cluster: Cluster, tmp_path: Path) -> None:
-    from petlbench.datasets.synthetic import generate
+    from petlbench.data.synthetic import generate
 
     data = generate(tmp_path / "data", n_per_class=14, size=32, num_classes=2, seed=0)
     spec = tmp_path / "ray.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "ray-tiny", "methods": ["linear_probe", "bitfit"], "datasets": [str(data)],
-        "backbones": ["test_vit"], "resolutions": [32], "seeds": [0, 1], "grid": {"lr": [1e-4, 1e-2]},
-        "epochs": 6, "batch_size": 4, "profile": False, "max_retries": 3,
-    }))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "ray-tiny",
+                "methods": ["linear_probe", "bitfit"],
+                "datasets": [str(data)],
+                "backbones": ["test_vit"],
+                "resolutions": [32],
+                "seeds": [0, 1],
+                "grid": {"lr": [1e-4, 1e-2]},
+                "epochs": 6,
+                "batch_size": 4,
+                "profile": False,
+                "max_retries": 3,
+            }
+        )
+    )
     results = tmp_path / "results"
     out = open(tmp_path / "sweep.log", "w")  # noqa: SIM115 - closed below
     sweep = subprocess.Popen(
-        [str(PETLBENCH), "sweep", str(spec), "--results", str(results), "--executor", "ray",
-         "--ray-address", ray_cluster.address],
-        stdout=out, stderr=subprocess.STDOUT, env={**ray_cluster.env, "COLUMNS": "160"}, start_new_session=True,
+        [
+            str(PETLBENCH),
+            "sweep",
+            str(spec),
+            "--results",
+            str(results),
+            "--executor",
+            "ray",
+            "--ray-address",
+            ray_cluster.address,
+        ],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env={**ray_cluster.env, "COLUMNS": "160"},
+        start_new_session=True,
     )
     try:
         # Wait until the worker node executes a sweep task, let it get going, then kill the whole node.

@@ -5,12 +5,14 @@ defines exactly what its numbers measure.
 Trainer integration (see `run_efficiency`, `StepTimer`, `PowerSampler`, `reset_cuda_peak`, `read_cuda_peak`).
 """
 
+from petlbench.engine.step import make_optimizer, train_step
 from petlbench.profiling.flops import (
     EXTRA_HANDLES,
     FLOPS_RULE,
     FLOPS_UNIT,
     UncountedMatmulError,
     flop_count_analysis,
+    flop_counter,
     fvcore_forward,
     sdpa_flop_jit,
     torch_flops,
@@ -43,7 +45,6 @@ from petlbench.profiling.profile import (
     run_efficiency,
 )
 from petlbench.profiling.timing import StepTimer, Stopwatch, measure_steps
-from petlbench.step import make_optimizer, train_step
 
 __all__ = [
     "CATEGORIES",
@@ -64,6 +65,7 @@ __all__ = [
     "estimate_model_memory",
     "estimate_training_memory",
     "flop_count_analysis",
+    "flop_counter",
     "forward_flops",
     "fvcore_forward",
     "make_optimizer",

@@ -21,7 +21,9 @@ Rule: fvcore forward + (backward multiply-adds measured by `torch.utils.flop_cou
 the same step ÷ 2 ÷ batch size). The backward is measured, not assumed to be 2× forward: it is ~2×
 forward for full fine-tuning, 0 for linear probing (nothing upstream of the head needs gradients) and
 in between for PETL methods that need input gradients through frozen blocks. The optimizer update is
-elementwise and not counted.
+elementwise and not counted. Attention counts the same on every kernel (`flop_counter`): forward Q·Kᵀ and P·V,
+backward the four gradient products, whether torch runs the CPU or CUDA flash kernel, the memory-efficient or
+cuDNN kernel, the math kernel or the explicit softmax path (fused kernels' recomputation of Q·Kᵀ is not counted).
 
 Cross-check (`torch_forward_gflops`): `FlopCounterMode`'s forward ÷ 2 (it counts 2 FLOPs per
 multiply-add); it equals fvcore + handles minus layer_norm (tests hold them within 1 %).
@@ -50,13 +52,35 @@ FLOPS_RULE = (
 # Ops that do matmul-class work: if fvcore skips one of these, the count would be wrong -> error.
 MATMUL_CLASS_OPS = frozenset(
     {
-        "aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear", "aten::einsum",
-        "aten::_convolution", "aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::convolution",
-        "aten::conv_transpose1d", "aten::conv_transpose2d", "aten::baddbmm", "aten::addbmm", "aten::mv",
-        "aten::addmv", "aten::dot", "aten::vdot", "aten::bilinear", "aten::tensordot", "aten::chain_matmul",
-        "aten::linalg_multi_dot", "aten::scaled_dot_product_attention", "aten::_native_multi_head_attention",
-        "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
-        "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_cudnn_attention",
+        "aten::addmm",
+        "aten::mm",
+        "aten::bmm",
+        "aten::matmul",
+        "aten::linear",
+        "aten::einsum",
+        "aten::_convolution",
+        "aten::conv1d",
+        "aten::conv2d",
+        "aten::conv3d",
+        "aten::convolution",
+        "aten::conv_transpose1d",
+        "aten::conv_transpose2d",
+        "aten::baddbmm",
+        "aten::addbmm",
+        "aten::mv",
+        "aten::addmv",
+        "aten::dot",
+        "aten::vdot",
+        "aten::bilinear",
+        "aten::tensordot",
+        "aten::chain_matmul",
+        "aten::linalg_multi_dot",
+        "aten::scaled_dot_product_attention",
+        "aten::_native_multi_head_attention",
+        "aten::_scaled_dot_product_flash_attention",
+        "aten::_scaled_dot_product_efficient_attention",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_cudnn_attention",
     }
 )
 
@@ -118,9 +142,13 @@ _aten = torch.ops.aten
 # Ops whose cost dominates a ViT forward and whose output shapes do not depend on values.
 _SHAPE_ONLY_OPS = frozenset(
     {
-        _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
+        _aten.mm.default,
+        _aten.addmm.default,
+        _aten.bmm.default,
+        _aten.baddbmm.default,
         _aten._scaled_dot_product_flash_attention_for_cpu.default,
-        _aten._softmax.default, _aten.gelu.default,
+        _aten._softmax.default,
+        _aten.gelu.default,
     }
 )
 
@@ -169,8 +197,11 @@ class ShapeOnlyCompute(TorchDispatchMode):
 
         out = func(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
         return tree_map(
-            lambda t: torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype)
-            if isinstance(t, torch.Tensor) else t,
+            lambda t: (
+                torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype)
+                if isinstance(t, torch.Tensor)
+                else t
+            ),
             out,
         )
 
@@ -219,7 +250,7 @@ def fvcore_forward(
     try:
         mode = ShapeOnlyCompute() if shape_only else None
         handles = mode.attach_conv_bypass(model) if mode is not None else []
-        with torch.no_grad(), (mode if mode is not None else contextlib.nullcontext()):
+        with torch.no_grad(), mode if mode is not None else contextlib.nullcontext():
             analysis = flop_count_analysis(adapter, tuple(batch[k] for k in keys))
             total = int(analysis.total())
             by_operator = {k: int(v) for k, v in analysis.by_operator().items()}
@@ -234,11 +265,57 @@ def fvcore_forward(
     return {"total": total, "by_operator": by_operator, "skipped_ops": skipped}
 
 
-def torch_flops(fn: Any) -> int:
-    """Total FlopCounterMode count (2 per multiply-add) of running `fn()`; works on meta/fake tensors."""
+def _sdpa_forward_flop(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """Fused SDPA forward (first arguments q, k, v): Q·Kᵀ plus P·V, 2 FLOPs per multiply-add."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return int(sdpa_flop_count(query, key, value))
+
+
+def _sdpa_backward_flop(
+    grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
+    """Fused SDPA backward (first arguments dO, q, k, v): dP, dV, dQ and dK, i.e. twice the forward."""
+    return 2 * _sdpa_forward_flop(query, key, value)
+
+
+# FlopCounterMode formulas for every fused attention kernel, so that attention counts the same whichever kernel
+# torch picks. torch 2.14 has no formula for the CPU flash kernel (attention counted 0 FLOPs forward and backward
+# on CPU), and its fused backward formulas add the kernels' recomputation of Q·Kᵀ, which the math kernel and the
+# explicit softmax path do not do: petlbench counts the algorithm's four gradient products on every kernel.
+_FORWARD_KERNELS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_fused_attention_overrideable")
+_BACKWARD_KERNELS = (
+    "_scaled_dot_product_flash_attention_for_cpu_backward",
+    "_scaled_dot_product_fused_attention_overrideable_backward",
+    "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_efficient_attention_backward",
+    "_scaled_dot_product_cudnn_attention_backward",
+)
+
+
+def attention_formulas() -> dict[Any, Any]:
+    """petlbench's attention formulas keyed by the op packets this torch has (FlopCounterMode's `custom_mapping`)."""
+    from torch.utils.flop_counter import flop_registry
+
+    mapping: dict[Any, Any] = {}
+    for names, formula in ((_FORWARD_KERNELS, _sdpa_forward_flop), (_BACKWARD_KERNELS, _sdpa_backward_flop)):
+        for name in names:
+            packet = getattr(torch.ops.aten, name, None)
+            if packet is not None and (formula is _sdpa_backward_flop or packet not in flop_registry):
+                mapping[packet] = formula
+    return mapping
+
+
+def flop_counter() -> Any:
+    """A silent `FlopCounterMode` that counts attention the same on every kernel torch may pick."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    return FlopCounterMode(display=False, custom_mapping=attention_formulas())
+
+
+def torch_flops(fn: Any) -> int:
+    """Total FlopCounterMode count (2 per multiply-add) of running `fn()`; works on meta/fake tensors."""
+    counter = flop_counter()
     with counter:
         fn()
     return int(counter.get_total_flops())

@@ -82,7 +82,8 @@ def read_cuda_peak(device: torch.device | str | None = None, nvml: Any = None) -
     return {
         "measured_peak_allocated_mb": torch.cuda.max_memory_allocated(device) / MIB,
         "measured_peak_requested_mb": stats.get("requested_bytes.all.peak", 0) / MIB
-        if "requested_bytes.all.peak" in stats else None,
+        if "requested_bytes.all.peak" in stats
+        else None,
         "measured_peak_reserved_mb": torch.cuda.max_memory_reserved(device) / MIB,
         "nvml_process_mem_mb": used / MIB if used is not None else None,
         "nvml_reason": reason,
@@ -100,7 +101,7 @@ def measure_cuda_step_peak(
     steps: int = 1,
 ) -> dict[str, Any]:
     """Peak memory of `steps` steady-state training steps after `warmup` steps (profiling.md §1.2)."""
-    from petlbench.step import train_step
+    from petlbench.engine.step import train_step
 
     step_fn = train_step_fn or train_step
     tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]

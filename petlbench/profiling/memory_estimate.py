@@ -61,7 +61,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from petlbench.method import BackboneSpec, Method
+from petlbench.core.method import BackboneSpec, Method
+from petlbench.engine.step import MakeOptimizer, TrainStep, make_optimizer, train_step
+from petlbench.profiling.flops import flop_counter
 from petlbench.profiling.models import (
     BatchSpec,
     batch_spec,
@@ -71,7 +73,6 @@ from petlbench.profiling.models import (
     resident_tensor_ids,
     set_attention,
 )
-from petlbench.step import MakeOptimizer, TrainStep, make_optimizer, train_step
 
 MIB = 2**20
 MEM_UNIT = "MiB (2^20 bytes)"
@@ -321,11 +322,18 @@ class _MetaSDPA(TorchFunctionMode):
 
     def _cpu_choice(self, q, k, v, mask, dropout, causal, gqa) -> int:  # noqa: ANN001
         key = (
-            tuple(t.dim() for t in (q, k, v)), q.dtype, tuple(t.requires_grad for t in (q, k, v)),
-            None if mask is None else (mask.dim(), mask.dtype), float(dropout), bool(causal), bool(gqa),
-            q.shape[-1], v.shape[-1],
+            tuple(t.dim() for t in (q, k, v)),
+            q.dtype,
+            tuple(t.requires_grad for t in (q, k, v)),
+            None if mask is None else (mask.dim(), mask.dtype),
+            float(dropout),
+            bool(causal),
+            bool(gqa),
+            q.shape[-1],
+            v.shape[-1],
         )
         if key not in self._choice:
+
             def small(t: torch.Tensor) -> torch.Tensor:
                 shape = [min(int(n), 4) for n in t.shape[:-1]] + [int(t.shape[-1])]
                 return torch.zeros(shape, dtype=t.dtype, requires_grad=t.requires_grad)
@@ -334,9 +342,7 @@ class _MetaSDPA(TorchFunctionMode):
                 sq, sk, sv = small(q), small(k), small(v)
                 for t in (sq, sk, sv):
                     t.requires_grad_(bool(t.requires_grad))
-                smask = None if mask is None else torch.zeros(
-                    [min(int(n), 4) for n in mask.shape], dtype=mask.dtype
-                )
+                smask = None if mask is None else torch.zeros([min(int(n), 4) for n in mask.shape], dtype=mask.dtype)
             self._choice[key] = int(
                 torch._fused_sdp_choice(sq, sk, sv, smask, float(dropout), bool(causal), enable_gqa=bool(gqa))
             )
@@ -359,7 +365,10 @@ def _prime_on_fakes(
     """
     key = (
         tuple((tuple(p.shape), tuple(p.stride()), p.dtype) for p in params),
-        getattr(make_opt, "__qualname__", repr(make_opt)), foreach, target, round_to,
+        getattr(make_opt, "__qualname__", repr(make_opt)),
+        foreach,
+        target,
+        round_to,
     )
     if key in _PRIME_MEMO:
         return _PRIME_MEMO[key]
@@ -486,9 +495,7 @@ def estimate_model_memory(
         optimizer = make_opt(params, foreach=foreach)
         if engine == "meta":  # outside the tracker: the priming's own tensors are not the step's
             primed = _prime_on_fakes(params, make_opt, foreach, target, round_to)
-        handles = [
-            p.register_post_accumulate_grad_hook(lambda p: tracker.relabel(p.grad, "gradients")) for p in params
-        ]
+        handles = [p.register_post_accumulate_grad_hook(lambda p: tracker.relabel(p.grad, "gradients")) for p in params]
         if engine == "fake":
             handles += _attach_optimizer_hooks(optimizer, tracker, target)
         method_hook = _label_method_hook(model, tracker)
@@ -526,9 +533,7 @@ def estimate_model_memory(
             tracker.reset_peak()
             start = tracker.current
             if count_flops:
-                from torch.utils.flop_counter import FlopCounterMode
-
-                counter = FlopCounterMode(display=False)
+                counter = flop_counter()
                 split = _ForwardSplit(model, counter)
                 with counter:
                     step_fn(model, batch, optimizer, global_step=1)

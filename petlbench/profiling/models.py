@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from petlbench.method import ATTENTION_CHOICES, BackboneSpec, BuildContext, Method
+from petlbench.core.method import ATTENTION_CHOICES, BackboneSpec, BuildContext, Method
 
 # Breakdown categories of the memory estimator (the unlabelled remainder is activations + temporaries).
 INPUTS = "inputs"
@@ -122,7 +122,7 @@ def set_attention(model: nn.Module, attention: str = "auto") -> str:
 
 
 def describe_attention(model: nn.Module) -> str:
-    """"fused", "explicit", "mixed" or "none", from the modules' `fused_attn` flags."""
+    """ "fused", "explicit", "mixed" or "none", from the modules' `fused_attn` flags."""
     flags = {m.fused_attn for m in attention_modules(model)}
     if not flags:
         return "none"
@@ -250,12 +250,10 @@ def batch_spec(model: nn.Module, method: Method, res: int, batch_size: int, num_
     maker = getattr(model, "example_batch", None)
     if callable(maker):
         example = maker(batch_size, torch.device("meta"))
-        entries = {
-            k: (tuple(v.shape), v.dtype, category(k)) for k, v in example.items() if isinstance(v, torch.Tensor)
-        }
+        entries = {k: (tuple(v.shape), v.dtype, category(k)) for k, v in example.items() if isinstance(v, torch.Tensor)}
         source = "model.example_batch"
     elif _preload_active(method, model):
-        from petlbench.preload import BATCH_PREFIX
+        from petlbench.fpt.cache import BATCH_PREFIX
 
         dtype = getattr(torch, str(getattr(method.options, "cache_dtype", "float32")))
         side_key = getattr(model, "side_view", None) or next(k for k in views if k != "lpm")
@@ -339,9 +337,7 @@ def materialize_cpu(model: nn.Module) -> nn.Module:
     return model
 
 
-def structure_signature(
-    model: nn.Module, spec: BatchSpec, options: Mapping[str, Any] | None = None
-) -> tuple[Any, ...]:
+def structure_signature(model: nn.Module, spec: BatchSpec, options: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
     """What forward FLOPs depend on: model/module classes, parameter shapes, attention flags, batch, options."""
     modules = tuple((name, type(m).__qualname__, getattr(m, "fused_attn", None)) for name, m in model.named_modules())
     tensors = tuple((name, tuple(t.shape), str(t.dtype)) for name, t in model.state_dict(keep_vars=True).items())

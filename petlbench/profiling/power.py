@@ -34,8 +34,14 @@ import torch
 
 MIB = 2**20
 NUMERIC_FIELDS = (
-    "power_peak_w", "power_avg_w", "power_mean_sampled_w", "energy_j", "duration_s", "n_samples",
-    "max_gap_s", "process_mem_peak_mb",
+    "power_peak_w",
+    "power_avg_w",
+    "power_mean_sampled_w",
+    "energy_j",
+    "duration_s",
+    "n_samples",
+    "max_gap_s",
+    "process_mem_peak_mb",
 )
 
 
@@ -63,11 +69,8 @@ class NvmlBackend:
         self._nvml: Any = None
 
     def init(self) -> None:
-        import warnings
+        import pynvml  # the module of nvidia-ml-py, NVIDIA's own binding
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import pynvml
         self._nvml = pynvml
         pynvml.nvmlInit()
 
@@ -128,8 +131,15 @@ def unavailable_power(reason: str, interval_s: float | None = None, device_index
     record: dict[str, Any] = {field: None for field in NUMERIC_FIELDS}
     record.update(
         {
-            "energy_source": None, "power_peak_field": None, "interval_s": interval_s, "device_index": device_index,
-            "device_name": None, "gpu_uuid": None, "gpu_shared": None, "avg_le_peak": None, "reason": reason,
+            "energy_source": None,
+            "power_peak_field": None,
+            "interval_s": interval_s,
+            "device_index": device_index,
+            "device_name": None,
+            "gpu_uuid": None,
+            "gpu_shared": None,
+            "avg_le_peak": None,
+            "reason": reason,
             "available": False,
         }
     )

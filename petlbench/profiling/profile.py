@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from petlbench.method import BackboneSpec, BuildContext, Method, get_method, method_keys
+from petlbench.core.method import BackboneSpec, BuildContext, Method, get_method, method_keys
+from petlbench.engine.step import TrainStep, make_optimizer
 from petlbench.profiling.flops import (
     FLOPS_RULE,
     FLOPS_UNIT,
@@ -43,7 +44,6 @@ from petlbench.profiling.models import (
     set_attention,
     structure_signature,
 )
-from petlbench.step import TrainStep, make_optimizer
 
 ATTN_IMPL = {"fused": "sdpa", "explicit": "eager", "mixed": "mixed", "none": "none"}
 _FWD_MEMO: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -195,8 +195,13 @@ def profile_methods(
         started = time.perf_counter()
         method = make_method(key, options)
         row: dict[str, Any] = {
-            "method": key, "name": method.display_name, "backbone": backbone.name, "res": res,
-            "batch_size": batch_size, "num_classes": num_classes, "options": method.resolved_options(),
+            "method": key,
+            "name": method.display_name,
+            "backbone": backbone.name,
+            "res": res,
+            "batch_size": batch_size,
+            "num_classes": num_classes,
+            "options": method.resolved_options(),
         }
         row.update(_params(method, backbone, res, num_classes))
         est = estimate_training_memory(
@@ -207,13 +212,29 @@ def profile_methods(
         row.update(_flops_fields(forward_flops(method, backbone, res, num_classes, attention), est.train_flops))
         if row.get("preload_gflops_per_image") is not None and hasattr(method.options, "preload"):
             online = estimate_training_memory(
-                _with_option(method, preload=False), backbone, res, batch_size, num_classes,
-                attention=attention, target=target,
+                _with_option(method, preload=False),
+                backbone,
+                res,
+                batch_size,
+                num_classes,
+                attention=attention,
+                target=target,
             )
             row["est_peak_mem_mb_no_preload"] = online.peak_bytes / MIB
         if measure:
-            row.update(measure_method(method, backbone, res, batch_size, num_classes, device, attention,
-                                      steps=measure_steps, warmup=measure_warmup))
+            row.update(
+                measure_method(
+                    method,
+                    backbone,
+                    res,
+                    batch_size,
+                    num_classes,
+                    device,
+                    attention,
+                    steps=measure_steps,
+                    warmup=measure_warmup,
+                )
+            )
         row["profile_seconds"] = time.perf_counter() - started
         if log is not None:
             log(f"{key}: {row['profile_seconds']:.1f}s")
@@ -222,8 +243,13 @@ def profile_methods(
 
 
 def build_real(
-    method: Method, backbone: BackboneSpec, res: int, batch_size: int, num_classes: int,
-    device: torch.device, attention: str = "auto",
+    method: Method,
+    backbone: BackboneSpec,
+    res: int,
+    batch_size: int,
+    num_classes: int,
+    device: torch.device,
+    attention: str = "auto",
 ) -> tuple[nn.Module, dict[str, torch.Tensor], BatchSpec]:
     """A real (randomly initialised) model placed on `device` and one random batch on it, in the state a
     training run would have (FPT/FPT+ preloaded when their options say so)."""
@@ -237,8 +263,15 @@ def build_real(
 
 
 def measure_method(
-    method: Method, backbone: BackboneSpec, res: int, batch_size: int, num_classes: int = 5,
-    device: str | torch.device = "auto", attention: str = "auto", steps: int = 3, warmup: int = 2,
+    method: Method,
+    backbone: BackboneSpec,
+    res: int,
+    batch_size: int,
+    num_classes: int = 5,
+    device: str | torch.device = "auto",
+    attention: str = "auto",
+    steps: int = 3,
+    warmup: int = 2,
     train_step_fn: TrainStep | None = None,
 ) -> dict[str, Any]:
     """Real timed training steps of `method` on `device`: throughput, CUDA peaks, NVML memory, power."""
@@ -247,8 +280,9 @@ def measure_method(
     device = resolve_device(device)
     model, batch, _ = build_real(method, backbone, res, batch_size, num_classes, device, attention)
     optimizer = make_optimizer(model.trainable_parameters())
-    result = _measure(model, batch, optimizer, steps=steps, warmup=warmup, train_step_fn=train_step_fn,
-                      power=True, device=device)
+    result = _measure(
+        model, batch, optimizer, steps=steps, warmup=warmup, train_step_fn=train_step_fn, power=True, device=device
+    )
     result["measure_device"] = str(device)
     result.pop("device", None)
     del model, optimizer, batch
@@ -285,22 +319,31 @@ def memory_sweep(
             started = time.perf_counter()
             row: dict[str, Any] = {"method": key, "res": int(res), "batch_size": batch_size, "backbone": backbone.name}
             try:
-                est = estimate_training_memory(method, backbone, int(res), batch_size, num_classes,
-                                               attention=attention, target=target)
+                est = estimate_training_memory(
+                    method, backbone, int(res), batch_size, num_classes, attention=attention, target=target
+                )
             except Exception as error:  # noqa: BLE001 - one bad cell must not stop the sweep
-                row.update({"est_peak_mem_mb": None, "exceeds_budget": None, "est_breakdown_mb": None,
-                            "error": f"{type(error).__name__}: {error}"})
+                row.update(
+                    {
+                        "est_peak_mem_mb": None,
+                        "exceeds_budget": None,
+                        "est_breakdown_mb": None,
+                        "error": f"{type(error).__name__}: {error}",
+                    }
+                )
             else:
                 d = est.to_dict()
-                row.update({
-                    "est_peak_mem_mb": d["est_peak_mem_mb"],
-                    "exceeds_budget": None if budget is None else est.peak_bytes > budget,
-                    "est_breakdown_mb": d["est_breakdown_mb"],
-                    "attention": d["attention"],
-                    "est_peak_phase": d["est_peak_phase"],
-                    "batch_source": d["batch_source"],
-                    "mem_unit": d["mem_unit"],
-                })
+                row.update(
+                    {
+                        "est_peak_mem_mb": d["est_peak_mem_mb"],
+                        "exceeds_budget": None if budget is None else est.peak_bytes > budget,
+                        "est_breakdown_mb": d["est_breakdown_mb"],
+                        "attention": d["attention"],
+                        "est_peak_phase": d["est_peak_phase"],
+                        "batch_source": d["batch_source"],
+                        "mem_unit": d["mem_unit"],
+                    }
+                )
             row["gpu_mem_mb"] = None if budget is None else budget / MIB
             row["est_seconds"] = time.perf_counter() - started
             if log is not None:
@@ -342,8 +385,15 @@ def run_efficiency(
         spec = batch_spec(est_model, method, ctx.res, batch_size, ctx.num_classes)
         resident, placement = resident_tensor_ids(est_model)
         est = estimate_model_memory(
-            est_model, spec, attention="auto", target=target, count_flops=flops, train_step_fn=train_step_fn,
-            resident=resident, placement=placement, build=how,
+            est_model,
+            spec,
+            attention="auto",
+            target=target,
+            count_flops=flops,
+            train_step_fn=train_step_fn,
+            resident=resident,
+            placement=placement,
+            build=how,
         )
         out.update(est.to_dict())
         out["attn_impl"] = ATTN_IMPL.get(est.attention, est.attention)
@@ -404,10 +454,18 @@ def run_bench(
         row["ratio_train_step_gflops"] = ratio(row, "train_step_gflops")
         row["ratio_train_images_per_s"] = ratio(row, "train_images_per_s")
     report = {
-        "backbone": backbone.name, "res": res, "batch_size": batch_size, "num_classes": num_classes,
-        "device": "cpu", "threads": bench_threads, "baseline": base["method"] if base else None,
-        "flops_unit": FLOPS_UNIT, "mem_unit": "MiB (2^20 bytes)", "torch": torch.__version__,
-        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows,
+        "backbone": backbone.name,
+        "res": res,
+        "batch_size": batch_size,
+        "num_classes": num_classes,
+        "device": "cpu",
+        "threads": bench_threads,
+        "baseline": base["method"] if base else None,
+        "flops_unit": FLOPS_UNIT,
+        "mem_unit": "MiB (2^20 bytes)",
+        "torch": torch.__version__,
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": rows,
     }
     out_json, out_md = Path(out_json), Path(out_md)
     out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -419,12 +477,20 @@ def run_bench(
 
 
 def _bench_rows(
-    keys: list[str], backbone: BackboneSpec, res: int, batch_size: int, num_classes: int, steps: int, warmup: int,
-    options: Mapping[str, Mapping[str, Any]] | None, device: torch.device, log: Callable[[str], None] | None,
+    keys: list[str],
+    backbone: BackboneSpec,
+    res: int,
+    batch_size: int,
+    num_classes: int,
+    steps: int,
+    warmup: int,
+    options: Mapping[str, Mapping[str, Any]] | None,
+    device: torch.device,
+    log: Callable[[str], None] | None,
 ) -> list[dict[str, Any]]:
+    from petlbench.engine.step import train_step
     from petlbench.profiling.memory_cuda import cpu_profiler_peak
     from petlbench.profiling.timing import measure_steps as _measure
-    from petlbench.step import train_step
 
     rows = []
     for key in keys:
@@ -497,13 +563,26 @@ def bench_markdown(report: dict[str, Any]) -> str:
     if notes:
         lines += ["", "FPT/FPT+ train with preloaded LPM features; the one-off preload cost is the LPM forward:"]
         for r in notes:
-            lines.append(f"- {r['name']}: {_fmt(r['preload_gflops_per_image'], 3)} GFLOPs per image "
-                         f"(without preloading a step costs {_fmt(r.get('train_step_gflops_no_preload'), 3)}).")
+            lines.append(
+                f"- {r['name']}: {_fmt(r['preload_gflops_per_image'], 3)} GFLOPs per image "
+                f"(without preloading a step costs {_fmt(r.get('train_step_gflops_no_preload'), 3)})."
+            )
     return "\n".join(lines) + "\n"
 
 
 __all__ = [
-    "ATTN_IMPL", "build_real", "bench_markdown", "describe_attention", "forward_flops", "make_method",
-    "measure_method", "memory_sweep", "parse_mem", "parse_method_keys", "profile_methods", "resolve_device",
-    "run_bench", "run_efficiency",
+    "ATTN_IMPL",
+    "build_real",
+    "bench_markdown",
+    "describe_attention",
+    "forward_flops",
+    "make_method",
+    "measure_method",
+    "memory_sweep",
+    "parse_mem",
+    "parse_method_keys",
+    "profile_methods",
+    "resolve_device",
+    "run_bench",
+    "run_efficiency",
 ]

@@ -72,7 +72,7 @@ class StepTimer:
 
     def summary(self) -> dict[str, Any]:
         """Median step time and images/s over the timed (post-warm-up) steps; None fields if none timed."""
-        timed = self.steps[self.warmup_steps:]
+        timed = self.steps[self.warmup_steps :]
         base: dict[str, Any] = {
             "steps_total": len(self.steps),
             "warmup_steps_excluded": min(self.warmup_steps, len(self.steps)),
@@ -80,9 +80,15 @@ class StepTimer:
         }
         if not timed:
             return base | {
-                "median_step_s": None, "train_images_per_s": None, "mean_images_per_s": None,
-                "timed_images": 0, "timed_seconds": 0.0, "min_step_s": None, "max_step_s": None,
-                "spread_pct": None, "step_seconds": [],
+                "median_step_s": None,
+                "train_images_per_s": None,
+                "mean_images_per_s": None,
+                "timed_images": 0,
+                "timed_seconds": 0.0,
+                "min_step_s": None,
+                "max_step_s": None,
+                "spread_pct": None,
+                "step_seconds": [],
                 "reason": f"no steps after the {self.warmup_steps} warm-up steps",
             }
         seconds = [s for s, _ in timed]
@@ -160,10 +166,11 @@ def measure_steps(
     fields are None with `mem_reason`. With `power`, the timed steps run under a `PowerSampler`
     (`power` dict; None fields + reason when NVML is unavailable).
     """
+    from petlbench.engine.step import flush_denormals, train_step
     from petlbench.profiling.memory_cuda import read_cuda_peak, reset_cuda_peak
     from petlbench.profiling.power import PowerSampler, unavailable_power
-    from petlbench.step import train_step
 
+    flush_denormals()  # a custom train_step_fn may not pass through train_step
     step_fn = train_step_fn or train_step
     if device is None:
         tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]

@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from petlbench.atomic import write_text_atomic
+from petlbench.core.atomic import write_text_atomic
+from petlbench.core.results import FINISHED, utc_now
 from petlbench.reports import figures as figs
 from petlbench.reports import tables as tbl
 from petlbench.reports.collect import DefaultsFn, Runs, load_runs
 from petlbench.reports.introspection import FIG6_KEYS, FIG9_KEYS, load_introspection
 from petlbench.reports.model import Table
 from petlbench.reports.render import write_table
-from petlbench.results import FINISHED, utc_now
 
 DEFAULT_GPU_MEM = "48GB"
 PAPER_GPU_GIB = 48  # the papers' NVIDIA RTX A6000
@@ -89,8 +89,16 @@ def _figure_files(paths: list[Path], data: Path | None = None) -> dict[str, Path
 class ReportBuilder:
     """Builds the report items one by one, collecting index entries (a failure in one item is reported)."""
 
-    def __init__(self, runs: Runs, out: Path, gpu_mem_bytes: int, backbone: str | None, res: int | None,
-                 table3_backbone: str | None, dataset: str | None) -> None:
+    def __init__(
+        self,
+        runs: Runs,
+        out: Path,
+        gpu_mem_bytes: int,
+        backbone: str | None,
+        res: int | None,
+        table3_backbone: str | None,
+        dataset: str | None,
+    ) -> None:
         """Remember the runs, output folder, GPU budget and the main setting."""
         self.runs, self.out = runs, out
         self.gpu_mem_mb = gpu_mem_bytes / 2**20
@@ -153,25 +161,35 @@ class ReportBuilder:
         points = []
         for row in section.rows:
             cells = row.cells
-            points.append({
-                "method": row.key, "label": row.label,
-                "ratio_pct": cells["params"].value if cells["params"].has_value else None,
-                "avg_auc": cells["avg"].value if cells["avg"].has_value and cells["avg"].status == "ok" else None,
-                "mem_mb": cells["mem"].value if cells["mem"].has_value and cells["mem"].status == "ok" else None,
-                "mem_estimated": bool(cells["mem"].mark), "run_ids": ";".join(cells["avg"].run_ids),
-            })
+            points.append(
+                {
+                    "method": row.key,
+                    "label": row.label,
+                    "ratio_pct": cells["params"].value if cells["params"].has_value else None,
+                    "avg_auc": cells["avg"].value if cells["avg"].has_value and cells["avg"].status == "ok" else None,
+                    "mem_mb": cells["mem"].value if cells["mem"].has_value and cells["mem"].status == "ok" else None,
+                    "mem_estimated": bool(cells["mem"].mark),
+                    "run_ids": ";".join(cells["avg"].run_ids),
+                }
+            )
         usable = [p for p in points if p["ratio_pct"] is not None and p["avg_auc"] is not None]
         if not usable:
             return "no method has both an average AUC over every dataset and a parameter count"
         data = _write_csv(pd.DataFrame(points), stem.with_suffix(".csv"))
         estimated = any(p["mem_estimated"] for p in usable)
         paths = figs.figure_auc_vs_params(
-            usable, stem, order=self.runs.order,
+            usable,
+            stem,
+            order=self.runs.order,
             title=f"Average AUC vs. trainable parameters ({self.sel.backbone}, {self.sel.res} px)\ndot area ∝ "
-                  + ("estimated " if estimated else "") + "peak training memory",
+            + ("estimated " if estimated else "")
+            + "peak training memory",
         )
-        return (f"Average test AUC against trainable-parameter ratio, dot area ∝ peak training memory "
-                f"({section.title}; {self.sel.describe()}).", _figure_files(paths, data))
+        return (
+            f"Average test AUC against trainable-parameter ratio, dot area ∝ peak training memory "
+            f"({section.title}; {self.sel.describe()}).",
+            _figure_files(paths, data),
+        )
 
     def fig2(self, stem: Path) -> tuple[str, dict[str, Path]] | str:
         """Figure 2 from Table III's memory cells, else the estimator's figure if present."""
@@ -185,21 +203,37 @@ class ReportBuilder:
                 if not column.key.startswith("mem:"):
                     continue
                 cell = row.cells[column.key]
-                rows.append({"method": row.key, "label": row.label, "res": int(column.header),
-                             "mem_mb": cell.value if cell.has_value else None, "oom": cell.status == "oom",
-                             "exceeds_budget": cell.status in ("oom", "over_budget"),
-                             "source": cell.source, "run_ids": ";".join(cell.run_ids)})
+                rows.append(
+                    {
+                        "method": row.key,
+                        "label": row.label,
+                        "res": int(column.header),
+                        "mem_mb": cell.value if cell.has_value else None,
+                        "oom": cell.status == "oom",
+                        "exceeds_budget": cell.status in ("oom", "over_budget"),
+                        "source": cell.source,
+                        "run_ids": ";".join(cell.run_ids),
+                    }
+                )
         if not any(r["mem_mb"] is not None or r["oom"] for r in rows):
             return self._estimate_fallback("no run at these resolutions recorded a memory figure")
         data = _write_csv(pd.DataFrame(rows), stem.with_suffix(".csv"))
         labels = {r["method"]: r["label"] for r in rows}
         backbone = table.meta.get("backbone")
         paths = figs.figure_memory_vs_resolution(
-            rows, stem, self.gpu_mem_mb, self.gpu_text, labels, order=self.runs.order,
+            rows,
+            stem,
+            self.gpu_mem_mb,
+            self.gpu_text,
+            labels,
+            order=self.runs.order,
             title=f"Training memory vs. input resolution\n({backbone}, stored runs)",
         )
-        return (f"Peak training memory against input resolution per method ({backbone}, stored runs); dashed line: "
-                f"GPU memory ({self.gpu_caption}); × = out of memory.", _figure_files(paths, data))
+        return (
+            f"Peak training memory against input resolution per method ({backbone}, stored runs); dashed line: "
+            f"GPU memory ({self.gpu_caption}); × = out of memory.",
+            _figure_files(paths, data),
+        )
 
     def _estimate_fallback(self, reason: str) -> tuple[str, dict[str, Path]] | str:
         """The `petlbench plot memory` figure when runs cannot draw Figure 2."""
@@ -209,9 +243,11 @@ class ReportBuilder:
         if png.is_file() and meta_path.is_file():
             meta = json.loads(meta_path.read_text())
             files = {"PNG": png, "PDF": png.with_suffix(".pdf"), "data CSV": png.with_suffix(".csv")}
-            return (f"Estimated peak training memory against input resolution ({meta.get('backbone')}, batch "
-                    f"{meta.get('batch_size')}; from `petlbench plot memory`, not from runs: {reason}).",
-                    {k: v for k, v in files.items() if v.is_file()})
+            return (
+                f"Estimated peak training memory against input resolution ({meta.get('backbone')}, batch "
+                f"{meta.get('batch_size')}; from `petlbench plot memory`, not from runs: {reason}).",
+                {k: v for k, v in files.items() if v.is_file()},
+            )
         return f"{reason}; `petlbench plot memory` draws it from the memory estimator"
 
     def sweep_figure(self, option: str, stem: Path) -> tuple[str, dict[str, Path]] | str:
@@ -223,23 +259,36 @@ class ReportBuilder:
         points = tbl.table_points(table)
         data = _write_csv(pd.DataFrame(points), stem.with_suffix(".csv"))
         estimated = any(p["mem_estimated"] for p in points)
-        paths = figs.figure_sweep(points, stem, spec.header, title=spec.title,
-                                  mem_label="Peak training memory (MiB" + (", estimated)" if estimated else ")"))
+        paths = figs.figure_sweep(
+            points,
+            stem,
+            spec.header,
+            title=spec.title,
+            mem_label="Peak training memory (MiB" + (", estimated)" if estimated else ")"),
+        )
         return f"{spec.title}: average AUC, PPE, PME (★ best AUC) and memory; {self.sel.describe()}.", _figure_files(
-            paths, data)
+            paths, data
+        )
 
     def fig7(self, stem: Path) -> tuple[str, dict[str, Path]] | str:
         """Figure 7 from the cumulative component ablation."""
         points, notes = tbl.component_points(self.runs, self.sel)
         if len(points) < 2:
-            return "fewer than two component-ablation steps of FPT+ have runs (options " + ", ".join(
-                tbl.COMPONENTS) + ")"
+            return (
+                "fewer than two component-ablation steps of FPT+ have runs (options " + ", ".join(tbl.COMPONENTS) + ")"
+            )
         data = _write_csv(pd.DataFrame(points), stem.with_suffix(".csv"))
         estimated = any(p["mem_source"] != "measured" for p in points if p["mem_mb"] is not None)
-        paths = figs.figure_components(points, stem, title="Impact of each FPT+ component (cumulative)",
-                                       mem_label="Peak training memory (MiB" + (", estimated)" if estimated else ")"))
-        return (f"Cumulative component ablation of FPT+: average AUC and peak memory per step; {self.sel.describe()}.",
-                _figure_files(paths, data))
+        paths = figs.figure_components(
+            points,
+            stem,
+            title="Impact of each FPT+ component (cumulative)",
+            mem_label="Peak training memory (MiB" + (", estimated)" if estimated else ")"),
+        )
+        return (
+            f"Cumulative component ablation of FPT+: average AUC and peak memory per step; {self.sel.describe()}.",
+            _figure_files(paths, data),
+        )
 
     def _introspected(self, methods: Sequence[str], keys: Sequence[str]) -> list[tuple[str, dict[str, np.ndarray]]]:
         """(run id, arrays) of finished runs whose introspection.npz has `keys`."""
@@ -275,12 +324,23 @@ class ReportBuilder:
             same = [a for a in arrays_list if len(a) == depth]
             mean = np.mean(np.stack(same), axis=0)
             series[self.runs.label(method)] = mean
-            rows += [{"method": method, "layer": i + 1, "mean_attention": float(v), "n_runs": len(same),
-                      "run_ids": ";".join(ids[method])} for i, v in enumerate(mean)]
+            rows += [
+                {
+                    "method": method,
+                    "layer": i + 1,
+                    "mean_attention": float(v),
+                    "n_runs": len(same),
+                    "run_ids": ";".join(ids[method]),
+                }
+                for i, v in enumerate(mean)
+            ]
         data = _write_csv(pd.DataFrame(rows), stem.with_suffix(".csv"))
         paths = figs.figure_prompt_attention(series, stem)
-        return ("Average attention that side tokens pay to the fine-grained prompts, per side layer "
-                f"(mean over {sum(len(v) for v in ids.values())} run(s)).", _figure_files(paths, data))
+        return (
+            "Average attention that side tokens pay to the fine-grained prompts, per side layer "
+            f"(mean over {sum(len(v) for v in ids.values())} run(s)).",
+            _figure_files(paths, data),
+        )
 
     def fig9(self, stem: Path) -> tuple[str, dict[str, Path]] | str:
         """Figure 9 from the first run with token-level introspection arrays."""
@@ -291,14 +351,23 @@ class ReportBuilder:
         samples = []
         for i in range(min(4, len(arrays["images"]))):
             label = f"class {int(arrays['labels'][i])}:" if "labels" in arrays else ""
-            samples.append({"image": arrays["images"][i], "token_indices": arrays["token_indices"][i],
-                            "token_attention": arrays["token_attention"][i], "patch_size": int(arrays["patch_size"]),
-                            "num_prefix_tokens": int(arrays.get("num_prefix_tokens", 1)), "title": label})
+            samples.append(
+                {
+                    "image": arrays["images"][i],
+                    "token_indices": arrays["token_indices"][i],
+                    "token_attention": arrays["token_attention"][i],
+                    "patch_size": int(arrays["patch_size"]),
+                    "num_prefix_tokens": int(arrays.get("num_prefix_tokens", 1)),
+                    "title": label,
+                }
+            )
         where = f"layer {int(arrays['layer'])}" if "layer" in arrays else "top layer"
         where += f", head {int(arrays['head'])}" if "head" in arrays else ""
         paths = figs.figure_token_attention(samples, stem, title=f"Selected tokens and prompt attention ({where})")
-        return f"Selected important tokens (boxes) and the prompts' attention over them ({where}; run {run_id}).", \
-            _figure_files(paths)
+        return (
+            f"Selected important tokens (boxes) and the prompts' attention over them ({where}; run {run_id}).",
+            _figure_files(paths),
+        )
 
 
 def build_report(
@@ -325,13 +394,20 @@ def build_report(
     none_main = "no finished run at default options"
     b.table("I", "table1_main", lambda: tbl.table_main(runs, b.sel), none_main)
     b.table("II", "table2_efficiency", lambda: tbl.table_efficiency(runs, b.sel, dataset), none_main)
-    b.table("III", "table3_resolution",
-            lambda: tbl.table_resolution(runs, b.gpu_mem_mb, table3_backbone, gpu_label=b.gpu_caption),
-            "no run at default options")
+    b.table(
+        "III",
+        "table3_resolution",
+        lambda: tbl.table_resolution(runs, b.gpu_mem_mb, table3_backbone, gpu_label=b.gpu_caption),
+        "no run at default options",
+    )
     for number, option in (("IV", "side_res"), ("V", "num_prompts"), ("VI", "reduction")):
         spec = tbl.SWEEPS[option]
-        b.table(number, spec.key, lambda spec=spec: tbl.table_sweep(runs, b.sel, spec),
-                f"no FPT+ runs varying {option} (other options at their defaults) at the main setting")
+        b.table(
+            number,
+            spec.key,
+            lambda spec=spec: tbl.table_sweep(runs, b.sel, spec),
+            f"no FPT+ runs varying {option} (other options at their defaults) at the main setting",
+        )
     b.figure("1", "figure1_auc_vs_params", b.fig1)
     b.figure("2", "figure2_memory_vs_resolution", b.fig2)
     b.figure("5", "figure5_side_layers", lambda stem: b.sweep_figure("side_layers", stem))
@@ -404,15 +480,16 @@ def memory_estimate_figure(
     out.mkdir(parents=True, exist_ok=True)
     gpu_bytes = parse_gpu_mem(gpu_mem)
     if rows is None:
-        from petlbench.method import BackboneSpec
+        from petlbench.core.method import BackboneSpec
         from petlbench.profiling import memory_sweep
 
-        rows = memory_sweep(list(method_keys), BackboneSpec(backbone), list(resolutions), batch_size,
-                            gpu_mem_bytes=gpu_bytes)
+        rows = memory_sweep(
+            list(method_keys), BackboneSpec(backbone), list(resolutions), batch_size, gpu_mem_bytes=gpu_bytes
+        )
     labels = {}
     for key in {r["method"] for r in rows}:
         try:
-            from petlbench.method import get_method
+            from petlbench.core.method import get_method
 
             labels[key] = get_method(key).display_name
         except Exception:  # noqa: BLE001 - a label is cosmetic
@@ -420,10 +497,21 @@ def memory_estimate_figure(
     stem = out / ESTIMATE_STEM
     data = _write_csv(pd.DataFrame(list(rows)), stem.with_suffix(".csv"))
     paths = figs.figure_memory_vs_resolution(
-        rows, stem, gpu_bytes / 2**20, gpu_label(gpu_bytes), labels, order=list(method_keys),
+        rows,
+        stem,
+        gpu_bytes / 2**20,
+        gpu_label(gpu_bytes),
+        labels,
+        order=list(method_keys),
         title=f"Estimated training memory vs. input resolution\n({backbone}, batch {batch_size})",
     )
-    meta = {"backbone": backbone, "batch_size": batch_size, "resolutions": list(resolutions),
-            "methods": list(method_keys), "gpu_mem_bytes": gpu_bytes, "generated": utc_now()}
+    meta = {
+        "backbone": backbone,
+        "batch_size": batch_size,
+        "resolutions": list(resolutions),
+        "methods": list(method_keys),
+        "gpu_mem_bytes": gpu_bytes,
+        "generated": utc_now(),
+    }
     write_text_atomic(stem.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     return [*paths, data]

@@ -24,10 +24,10 @@ from typing import Any
 
 import pandas as pd
 
-from petlbench.metrics import mean_std
+from petlbench.core.results import FAILED, FINISHED, RUNNING, ResultStore, summary_row
+from petlbench.core.results import OOM as STATUS_OOM
+from petlbench.engine.metrics import mean_std
 from petlbench.reports.model import MISSING, NA, OOM, Cell
-from petlbench.results import FAILED, FINISHED, RUNNING, ResultStore, summary_row
-from petlbench.results import OOM as STATUS_OOM
 
 DefaultsFn = Callable[[str], Mapping[str, Any] | None]
 ESTIMATED_MARK = "†"
@@ -36,7 +36,7 @@ ESTIMATED_MARK = "†"
 def method_defaults(key: str) -> dict[str, Any] | None:
     """A method's default options as stored in results, or None if the method cannot be loaded."""
     try:
-        from petlbench.method import get_method
+        from petlbench.core.method import get_method
 
         return get_method(key)().resolved_options()
     except Exception:  # noqa: BLE001 - an unknown or broken method module: fall back (noted by the caller)
@@ -46,7 +46,7 @@ def method_defaults(key: str) -> dict[str, Any] | None:
 def method_order() -> list[str]:
     """Registered method keys in the papers' order ([] if the registry cannot be read)."""
     try:
-        from petlbench.method import method_keys
+        from petlbench.core.method import method_keys
 
         return method_keys()
     except Exception:  # noqa: BLE001
@@ -134,10 +134,24 @@ def record_row(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _NUMERIC = (
-    "test_auc", "val_auc", "trainable", "total", "ratio_pct", "peak_mem_mb", "est_peak_mem_mb",
-    "measured_peak_allocated_mb", "fwd_gflops", "train_step_gflops", "preload_gflops_per_image",
-    "train_images_per_s", "end_to_end_images_per_s", "train_seconds", "preload_seconds", "peak_power_w",
-    "mean_power_w", "energy_j",
+    "test_auc",
+    "val_auc",
+    "trainable",
+    "total",
+    "ratio_pct",
+    "peak_mem_mb",
+    "est_peak_mem_mb",
+    "measured_peak_allocated_mb",
+    "fwd_gflops",
+    "train_step_gflops",
+    "preload_gflops_per_image",
+    "train_images_per_s",
+    "end_to_end_images_per_s",
+    "train_seconds",
+    "preload_seconds",
+    "peak_power_w",
+    "mean_power_w",
+    "energy_j",
 )
 
 
@@ -250,7 +264,11 @@ def no_value_cell(runs: pd.DataFrame) -> Cell:
 
 
 def mean_cell(
-    runs: pd.DataFrame, column: str, decimals: int = 2, with_std: bool = False, scale: float = 1.0,
+    runs: pd.DataFrame,
+    column: str,
+    decimals: int = 2,
+    with_std: bool = False,
+    scale: float = 1.0,
     adaptive: bool = False,
 ) -> Cell:
     """Mean (± sample std) of `column` over finished runs with a value; otherwise `no_value_cell`."""
@@ -296,14 +314,15 @@ def _estimate_over_budget(runs: pd.DataFrame, budget_mb: float | None) -> Cell |
         return None
     est = runs[runs["est_peak_mem_mb"].notna()]
     if not est.empty and float(est["est_peak_mem_mb"].max()) > budget_mb:
-        return Cell(OOM, value=float(est["est_peak_mem_mb"].max()), status="over_budget", run_ids=ids(est),
-                    source="estimated")
+        return Cell(
+            OOM, value=float(est["est_peak_mem_mb"].max()), status="over_budget", run_ids=ids(est), source="estimated"
+        )
     return None
 
 
-def memory_ratio(method_cell: Cell, method_runs: pd.DataFrame, full_cell: Cell, full_runs: pd.DataFrame) -> tuple[
-    float | None, str
-]:
+def memory_ratio(
+    method_cell: Cell, method_runs: pd.DataFrame, full_cell: Cell, full_runs: pd.DataFrame
+) -> tuple[float | None, str]:
     """m for PME: the method's memory / full fine-tuning's, both from the same kind of figure.
 
     Uses the two displayed figures when they share a source (both measured or both estimated); otherwise
@@ -332,6 +351,10 @@ def power_cell(runs: pd.DataFrame, column: str, decimals: int = 2, scale: float 
         return cell
     finished = runs[runs["status"] == FINISHED]
     if not finished.empty and (finished["power_available"] == False).all():  # noqa: E712 - None means unknown
-        return Cell(NA, status="na", run_ids=ids(finished), source="; ".join(sorted({
-            str(r) for r in finished["power_reason"] if r})))
+        return Cell(
+            NA,
+            status="na",
+            run_ids=ids(finished),
+            source="; ".join(sorted({str(r) for r in finished["power_reason"] if r})),
+        )
     return cell

@@ -20,7 +20,16 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 PALETTE = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
 )
 
 MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<")
@@ -87,13 +96,33 @@ def figure_auc_vs_params(
     for p in usable:
         color = colors[p["method"]]
         if _finite(p.get("mem_mb")) and p["mem_mb"] > 0:
-            ax.scatter(p["ratio_pct"], p["avg_auc"], s=area(p["mem_mb"]), color=color, alpha=0.6,
-                       edgecolors="black", linewidths=0.6, zorder=3)
+            ax.scatter(
+                p["ratio_pct"],
+                p["avg_auc"],
+                s=area(p["mem_mb"]),
+                color=color,
+                alpha=0.6,
+                edgecolors="black",
+                linewidths=0.6,
+                zorder=3,
+            )
         else:
-            ax.scatter(p["ratio_pct"], p["avg_auc"], s=60, facecolors="none", edgecolors=color, linewidths=1.5,
-                       zorder=3)
-        handles.append(Line2D([], [], marker="o", linestyle="", markersize=8, markerfacecolor=color,
-                              markeredgecolor="black", alpha=0.8, label=p.get("label", p["method"])))
+            ax.scatter(
+                p["ratio_pct"], p["avg_auc"], s=60, facecolors="none", edgecolors=color, linewidths=1.5, zorder=3
+            )
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker="o",
+                linestyle="",
+                markersize=8,
+                markerfacecolor=color,
+                markeredgecolor="black",
+                alpha=0.8,
+                label=p.get("label", p["method"]),
+            )
+        )
     ax.set_xscale("log")
     if max(p["ratio_pct"] for p in usable) / min(p["ratio_pct"] for p in usable) < 100:
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # label 2 and 5 on short ranges
@@ -109,16 +138,37 @@ def figure_auc_vs_params(
     pad = max(span * 0.15, 0.5)
     ax.set_ylim(min(aucs) - pad, max(aucs) + pad)
     if any(not (_finite(p.get("mem_mb")) and p["mem_mb"] > 0) for p in usable):
-        handles.append(Line2D([], [], marker="o", linestyle="", markersize=8, markerfacecolor="none",
-                              markeredgecolor="grey", label="(hollow: memory\nnot recorded)"))
-    fig.legend(handles=handles, title="Method", loc="outside right upper", fontsize=8, title_fontsize=9,
-               frameon=False)
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker="o",
+                linestyle="",
+                markersize=8,
+                markerfacecolor="none",
+                markeredgecolor="grey",
+                label="(hollow: memory\nnot recorded)",
+            )
+        )
+    fig.legend(handles=handles, title="Method", loc="outside right upper", fontsize=8, title_fontsize=9, frameon=False)
     if mems:
         refs = sorted({_round_sig(top), _round_sig(top / 4), _round_sig(top / 16)})
-        size_handles = [ax.scatter([], [], s=area(m), color="grey", alpha=0.5, edgecolors="black",
-                                   label=f"{m:,.0f} MiB") for m in refs if m > 0]
-        fig.legend(handles=size_handles, title="Peak memory", loc="outside right lower", fontsize=8,
-                   title_fontsize=9, frameon=False, labelspacing=2.6, borderpad=2.4, handletextpad=2.6)
+        size_handles = [
+            ax.scatter([], [], s=area(m), color="grey", alpha=0.5, edgecolors="black", label=f"{m:,.0f} MiB")
+            for m in refs
+            if m > 0
+        ]
+        fig.legend(
+            handles=size_handles,
+            title="Peak memory",
+            loc="outside right lower",
+            fontsize=8,
+            title_fontsize=9,
+            frameon=False,
+            labelspacing=2.6,
+            borderpad=2.4,
+            handletextpad=2.6,
+        )
     ax.set_title(title or "Average AUC vs. trainable parameters\n(dot area ∝ peak training memory)", fontsize=10)
     return save_figure(fig, stem)
 
@@ -153,8 +203,9 @@ def figure_memory_vs_resolution(
     by_method: dict[str, list[tuple[int, float | None, bool]]] = {}
     for row in rows:
         mem = row.get("mem_mb", row.get("est_peak_mem_mb"))
-        by_method.setdefault(row["method"], []).append((int(row["res"]), mem if _finite(mem) else None,
-                                                        bool(row.get("oom"))))
+        by_method.setdefault(row["method"], []).append(
+            (int(row["res"]), mem if _finite(mem) else None, bool(row.get("oom")))
+        )
     if not any(m is not None or oom for pts in by_method.values() for _, m, oom in pts):
         raise ValueError("Figure 2 needs at least one memory value")
     colors = method_colors(list(by_method), order)
@@ -166,14 +217,28 @@ def figure_memory_vs_resolution(
         xs = [r for r, m, _ in pts if m is not None]
         ys = [m / 1024.0 for _, m, _ in pts if m is not None]
         # markers and dashes vary too, so near-identical curves (LoRA/AdaLoRA) stay distinguishable
-        ax.plot(xs, ys, marker=MARKERS[i % len(MARKERS)], markersize=5, linewidth=1.5, color=colors[method],
-                linestyle=("-", "--", "-.", ":")[(i // 2) % 4], label=labels.get(method, method), alpha=0.9)
+        ax.plot(
+            xs,
+            ys,
+            marker=MARKERS[i % len(MARKERS)],
+            markersize=5,
+            linewidth=1.5,
+            color=colors[method],
+            linestyle=("-", "--", "-.", ":")[(i // 2) % 4],
+            label=labels.get(method, method),
+            alpha=0.9,
+        )
         ooms = [r for r, m, oom in pts if m is None and oom]
         if ooms and gpu_mem_mb:
             ax.scatter(ooms, [gpu_mem_mb / 1024.0] * len(ooms), marker="x", s=60, color=colors[method], zorder=4)
     if gpu_mem_mb:
-        ax.axhline(gpu_mem_mb / 1024.0, color="red", linewidth=1.8, linestyle="--",
-                   label=f"GPU memory\n({gpu_label or f'{gpu_mem_mb / 1024:.0f} GiB'})")
+        ax.axhline(
+            gpu_mem_mb / 1024.0,
+            color="red",
+            linewidth=1.8,
+            linestyle="--",
+            label=f"GPU memory\n({gpu_label or f'{gpu_mem_mb / 1024:.0f} GiB'})",
+        )
     ax.set_yscale("log")
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_minor_formatter(NullFormatter())
@@ -208,8 +273,17 @@ def figure_sweep(
     aucs = [(p.get("avg_auc"), x) for x, p in zip(xs, points, strict=True) if _finite(p.get("avg_auc"))]
     if aucs:
         best, at = max(aucs)
-        ax_auc.plot([at], [best], marker="*", markersize=16, color="gold", markeredgecolor="black", linestyle="",
-                    label="best AUC", zorder=5)
+        ax_auc.plot(
+            [at],
+            [best],
+            marker="*",
+            markersize=16,
+            color="gold",
+            markeredgecolor="black",
+            linestyle="",
+            label="best AUC",
+            zorder=5,
+        )
     ax_auc.set_xticks(xs, ticks)
     ax_auc.margins(x=0.12)
     ax_auc.set_xlabel(x_label)
@@ -232,8 +306,9 @@ def figure_sweep(
     return save_figure(fig, stem)
 
 
-def figure_components(points: Sequence[Mapping[str, Any]], stem: str | Path, title: str = "",
-                      mem_label: str = "") -> list[Path]:
+def figure_components(
+    points: Sequence[Mapping[str, Any]], stem: str | Path, title: str = "", mem_label: str = ""
+) -> list[Path]:
     """Figure 7: cumulative component ablation; average AUC (left) and memory (right) per step.
 
     Each point: label (step name, first step at the top), avg_auc, mem_mb (None shown as "—").
@@ -259,8 +334,14 @@ def figure_components(points: Sequence[Mapping[str, Any]], stem: str | Path, tit
             ax.set_xlim(0, upper * 1.3)
         for y, v in zip(ys, values, strict=True):
             x0 = ax.get_xlim()[0]
-            ax.annotate("—" if v is None else fmt.format(v), (max(v or x0, x0), y), xytext=(3, 0),
-                        textcoords="offset points", va="center", fontsize=8)
+            ax.annotate(
+                "—" if v is None else fmt.format(v),
+                (max(v or x0, x0), y),
+                xytext=(3, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8,
+            )
         ax.set_xlabel(xlabel)
         ax.grid(True, axis="x", alpha=0.3)
     ax_auc.set_yticks(ys, labels)
@@ -325,8 +406,16 @@ def figure_token_attention(samples: Sequence[Mapping[str, Any]], stem: str | Pat
             row, col = divmod(int(p), grid_w)
             if row < heat.shape[0]:
                 heat[row, col] = w if np.isnan(heat[row, col]) else heat[row, col] + w
-                ax_box.add_patch(Rectangle((col * patch - 0.5, row * patch - 0.5), patch, patch, fill=False,
-                                           edgecolor="lime", linewidth=1.2))
+                ax_box.add_patch(
+                    Rectangle(
+                        (col * patch - 0.5, row * patch - 0.5),
+                        patch,
+                        patch,
+                        fill=False,
+                        edgecolor="lime",
+                        linewidth=1.2,
+                    )
+                )
         ax_box.imshow(image)
         ax_box.set_title(f"{sample.get('title', '')} selected tokens ({len(patches)})".strip(), fontsize=9)
         ax_att.imshow(image)

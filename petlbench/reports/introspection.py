@@ -32,14 +32,22 @@ from typing import Any
 
 import numpy as np
 
-from petlbench.atomic import write_bytes_atomic
+from petlbench.core.atomic import write_bytes_atomic
 
 FILENAME = "introspection.npz"
 FIG6_KEYS = ("layer_prompt_attention",)
 FIG9_KEYS = ("images", "token_indices", "token_attention", "patch_size")
 KNOWN_KEYS = (
-    "layer_prompt_attention", "layer_prompt_attention_n", "images", "token_indices", "token_attention",
-    "patch_size", "num_prefix_tokens", "layer", "head", "labels",
+    "layer_prompt_attention",
+    "layer_prompt_attention_n",
+    "images",
+    "token_indices",
+    "token_attention",
+    "patch_size",
+    "num_prefix_tokens",
+    "layer",
+    "head",
+    "labels",
 )
 
 
@@ -99,7 +107,7 @@ def introspection_arrays(
     max_images: int = 4,
     labels: Any | None = None,
 ) -> dict[str, np.ndarray]:
-    """Arrays for `save_introspection` from the output of `petlbench.fpt_common.fusion_attention_maps`.
+    """Arrays for `save_introspection` from the output of `petlbench.fpt.common.fusion_attention_maps`.
 
     `images`: the un-normalised LPM view of the same batch, [B, H, W, 3] or [B, 3, H, W] (uint8 or float in
     [0, 1]); without it (or without prompt attention, e.g. MLP fusion) only Figure 6's array is returned.

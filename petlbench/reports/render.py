@@ -5,16 +5,34 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from petlbench.atomic import write_text_atomic
+from petlbench.core.atomic import write_text_atomic
 from petlbench.reports.model import Cell, Column, Table
 
 _LATEX_ESCAPES = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-    "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
 }
 _LATEX_SYMBOLS = {
-    "±": r"$\pm$", "—": "---", "–": "--", "†": r"$^{\dagger}$", "‡": r"$^{\ddagger}$", "↑": r"$\uparrow$",
-    "↓": r"$\downarrow$", "×": r"$\times$", "·": r"$\cdot$", "−": "$-$", "≥": r"$\geq$", "≤": r"$\leq$",
+    "±": r"$\pm$",
+    "—": "---",
+    "–": "--",
+    "†": r"$^{\dagger}$",
+    "‡": r"$^{\ddagger}$",
+    "↑": r"$\uparrow$",
+    "↓": r"$\downarrow$",
+    "×": r"$\times$",
+    "·": r"$\cdot$",
+    "−": "$-$",
+    "≥": r"$\geq$",
+    "≤": r"$\leq$",
     "²": r"$^2$",
 }
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from petlbench.core.results import FINISHED
 from petlbench.reports.collect import (
     ESTIMATED_MARK,
     Runs,
@@ -29,7 +30,6 @@ from petlbench.reports.collect import (
 )
 from petlbench.reports.efficiency import pme, ppe
 from petlbench.reports.model import MISSING, OOM, Cell, Column, Row, Section, Table, highlight
-from petlbench.results import FINISHED
 
 # Rows the papers print as references and leave out of the best/second marking (Tables II and III).
 REFERENCE_METHODS = ("full_ft", "linear_probe")
@@ -93,8 +93,14 @@ def average_cell(cells: Sequence[Cell]) -> Cell:
     """Mean of per-dataset means when every dataset has one; "/" if one ran out of memory; else "—"."""
     if cells and all(c.has_value for c in cells):
         value = sum(c.value for c in cells) / len(cells)
-        return Cell(f"{value:.2f}", value=value, n=sum(c.n for c in cells), status="ok",
-                    run_ids=_sum_ids(cells), source=f"mean over {len(cells)} dataset(s)")
+        return Cell(
+            f"{value:.2f}",
+            value=value,
+            n=sum(c.n for c in cells),
+            status="ok",
+            run_ids=_sum_ids(cells),
+            source=f"mean over {len(cells)} dataset(s)",
+        )
     if any(c.status in ("oom", "over_budget") for c in cells):
         return Cell(OOM, status="oom", run_ids=_sum_ids(cells))
     return Cell(MISSING, status="missing", run_ids=_sum_ids(cells), source="not every dataset has a result")
@@ -125,8 +131,14 @@ def summary_cells(
     cells.update(avg=avg, params=params, mem=mem)
     if avg.has_value and params.has_value:
         value = ppe(avg.value, params.value / 100.0)
-        cells["ppe"] = Cell(f"{value:.2f}", value=value, n=avg.n, status="ok", run_ids=_sum_ids([avg, params]),
-                            source=f"Avg·exp(−log10(r+1)), r={params.value / 100.0:.6g}")
+        cells["ppe"] = Cell(
+            f"{value:.2f}",
+            value=value,
+            n=avg.n,
+            status="ok",
+            run_ids=_sum_ids([avg, params]),
+            source=f"Avg·exp(−log10(r+1)), r={params.value / 100.0:.6g}",
+        )
     else:
         oom = avg.status == "oom"
         cells["ppe"] = Cell(OOM if oom else MISSING, status="oom" if oom else "missing")
@@ -135,15 +147,21 @@ def summary_cells(
         ratio, source = memory_ratio(mem, runs, full[0], full[1])
     if avg.has_value and ratio is not None:
         value = pme(avg.value, ratio)
-        cells["pme"] = Cell(f"{value:.2f}", value=value, n=avg.n, status="ok",
-                            run_ids=_sum_ids([avg, mem, full[0]] if full else [avg, mem]),
-                            source=f"Avg·exp(−log10(m+1)), m={ratio:.6g} ({source} memory)",
-                            mark=ESTIMATED_MARK if source == "estimated" else "")
+        cells["pme"] = Cell(
+            f"{value:.2f}",
+            value=value,
+            n=avg.n,
+            status="ok",
+            run_ids=_sum_ids([avg, mem, full[0]] if full else [avg, mem]),
+            source=f"Avg·exp(−log10(m+1)), m={ratio:.6g} ({source} memory)",
+            mark=ESTIMATED_MARK if source == "estimated" else "",
+        )
     elif avg.status == "oom" or mem.status in ("oom", "over_budget"):
         cells["pme"] = Cell(OOM, status="oom")
     else:
-        cells["pme"] = Cell(MISSING, status="missing",
-                            source="no full fine-tuning memory to compare with" if avg.has_value else "")
+        cells["pme"] = Cell(
+            MISSING, status="missing", source="no full fine-tuning memory to compare with" if avg.has_value else ""
+        )
     return cells
 
 
@@ -195,8 +213,14 @@ def table_main(runs: Runs, sel: Selection, reference: Sequence[str] = REFERENCE_
         rows = []
         for method in runs.sort_methods(section_runs["method"].unique()):
             method_runs = section_runs[section_runs["method"] == method]
-            rows.append(Row(runs.label(method), method, summary_cells(method_runs, datasets, full),
-                            ranked=method not in reference))
+            rows.append(
+                Row(
+                    runs.label(method),
+                    method,
+                    summary_cells(method_runs, datasets, full),
+                    ranked=method not in reference,
+                )
+            )
         sections.append(Section(f"Weights: {weights}", rows))
     n_finished = int((pool["status"] == FINISHED).sum())
     table = Table(
@@ -226,16 +250,23 @@ def _hparam_notes(pool: pd.DataFrame) -> list[str]:
     )
     multi = combos.groupby(["method", "dataset", "weights"])["hp"].nunique()
     if (multi > 1).any():
-        return ["Where several (learning rate, weight decay) points were run, the one with the best mean "
-                "validation AUC is reported (the papers' grid-search rule)."]
+        return [
+            "Where several (learning rate, weight decay) points were run, the one with the best mean "
+            "validation AUC is reported (the papers' grid-search rule)."
+        ]
     return []
 
 
 def _device_notes(pool: pd.DataFrame) -> list[str]:
     """Notes naming the devices behind timings (and warning about CPU timings)."""
     finished = pool[pool["status"] == FINISHED]
-    devices = sorted({f"{n} ({t})" if t and t != n else str(n)
-                      for n, t in zip(finished["device"], finished["device_type"], strict=True) if n})
+    devices = sorted(
+        {
+            f"{n} ({t})" if t and t != n else str(n)
+            for n, t in zip(finished["device"], finished["device_type"], strict=True)
+            if n
+        }
+    )
     notes = [f"Measured on: {', '.join(devices)}."] if devices else []
     if (finished["device_type"] == "cpu").any():
         notes.append("CPU timings only smoke-test the code path; they are not comparable to the papers' GPU figures.")
@@ -259,8 +290,11 @@ def _preload_builders(fpt_runs: pd.DataFrame, all_runs: pd.DataFrame) -> tuple[p
     ]
     builders = all_runs[built] if paths and not all_runs.empty else all_runs.iloc[0:0]
     if not builders.empty:
-        notes.append("Preloading: timed by the run(s) that built the same feature cache: "
-                     + ", ".join(sorted(builders["run_id"].astype(str))) + ".")
+        notes.append(
+            "Preloading: timed by the run(s) that built the same feature cache: "
+            + ", ".join(sorted(builders["run_id"].astype(str)))
+            + "."
+        )
     return builders, notes
 
 
@@ -275,20 +309,34 @@ def _preload_frame(builders: pd.DataFrame) -> pd.DataFrame:
             continue
         seconds = _first_number(run["preload_seconds"], info.get("preload_seconds"), info.get("seconds"))
         images = _first_number(info.get("images"), info.get("num_images"), info.get("n_images"))
-        throughput = _first_number(info.get("images_per_s"),
-                                   images / seconds if images and seconds else None)
+        throughput = _first_number(info.get("images_per_s"), images / seconds if images and seconds else None)
         power = info.get("power") if isinstance(info.get("power"), dict) else {}
-        rows.append({
-            "run_id": run["run_id"], "status": FINISHED,
-            "fwd_gflops": _first_number(info.get("fwd_gflops"), info.get("lpm_fwd_gflops"), run["preload_gflops"]),
-            "train_seconds": seconds, "train_images_per_s": throughput,
-            "peak_power_w": _first_number(power.get("power_peak_w")),
-            "mean_power_w": _first_number(power.get("power_avg_w")),
-            "energy_j": _first_number(power.get("energy_j")),
-            "power_available": power.get("available") if power else None, "power_reason": power.get("reason"),
-        })
-    columns = ["run_id", "status", "fwd_gflops", "train_seconds", "train_images_per_s", "peak_power_w",
-               "mean_power_w", "energy_j", "power_available", "power_reason"]
+        rows.append(
+            {
+                "run_id": run["run_id"],
+                "status": FINISHED,
+                "fwd_gflops": _first_number(info.get("fwd_gflops"), info.get("lpm_fwd_gflops"), run["preload_gflops"]),
+                "train_seconds": seconds,
+                "train_images_per_s": throughput,
+                "peak_power_w": _first_number(power.get("power_peak_w")),
+                "mean_power_w": _first_number(power.get("power_avg_w")),
+                "energy_j": _first_number(power.get("energy_j")),
+                "power_available": power.get("available") if power else None,
+                "power_reason": power.get("reason"),
+            }
+        )
+    columns = [
+        "run_id",
+        "status",
+        "fwd_gflops",
+        "train_seconds",
+        "train_images_per_s",
+        "peak_power_w",
+        "mean_power_w",
+        "energy_j",
+        "power_available",
+        "power_reason",
+    ]
     return pd.DataFrame.from_records(rows, columns=columns)
 
 
@@ -342,8 +390,13 @@ def table_efficiency(
     rows: list[Row] = []
     notes = [
         "FLOPs: forward pass per image as recorded by the profiler"
-        + (f"; unit: {units[0]}." if len(units) == 1
-           else f"; units differ between runs: {', '.join(units)}." if units else "; none recorded by these runs."),
+        + (
+            f"; unit: {units[0]}."
+            if len(units) == 1
+            else f"; units differ between runs: {', '.join(units)}."
+            if units
+            else "; none recorded by these runs."
+        ),
         "Total training time: wall time of all training epochs (each epoch's validation pass included); "
         "throughput: median training-step images/s. Power: peak and mean board power over training; energy over "
         "training (kJ).",
@@ -352,8 +405,14 @@ def table_efficiency(
     for method in runs.sort_methods(pool["method"].unique()):
         if method in ("fpt", FPT_PLUS) and not any(r.key == "preload" for r in rows):
             rows.extend(_preload_rows(pool, runs.df, notes))
-        rows.append(Row(runs.label(method), method, _efficiency_cells(pool[pool["method"] == method]),
-                        ranked=method not in reference))
+        rows.append(
+            Row(
+                runs.label(method),
+                method,
+                _efficiency_cells(pool[pool["method"] == method]),
+                ranked=method not in reference,
+            )
+        )
     table = Table(
         key="table2_efficiency",
         number="II",
@@ -430,14 +489,19 @@ def table_resolution(
             f"Peak training memory (MiB) and average test AUC over {len(datasets)} dataset(s) of every method at "
             f"its default options, {backbone} ({weights}), batch {batch_size}, {epochs} epochs, at input "
             f"resolutions {', '.join(map(str, resolutions))} px. '/' = out of memory: the run ran out of memory, "
-            f"or its memory exceeds the chosen GPU budget ({gpu_label or budget}). "
-            + _rank_note(reference, runs)
+            f"or its memory exceeds the chosen GPU budget ({gpu_label or budget}). " + _rank_note(reference, runs)
         ),
         columns=columns,
         sections=[Section("", rows)],
         notes=[MEM_NOTE, MISSING_NOTE, *_failure_notes(pool)],
-        meta={"backbone": backbone, "weights": weights, "batch_size": batch_size, "epochs": epochs,
-              "resolutions": resolutions, "datasets": datasets},
+        meta={
+            "backbone": backbone,
+            "weights": weights,
+            "batch_size": batch_size,
+            "epochs": epochs,
+            "resolutions": resolutions,
+            "datasets": datasets,
+        },
     )
     highlight(table)
     return table
@@ -455,16 +519,25 @@ class SweepSpec:
 
 
 SWEEPS = {
-    "side_res": SweepSpec("side_res", "table4_side_res", "IV",
-                          "FPT+ with different input resolutions for the side network", "Side input (px)"),
-    "num_prompts": SweepSpec("num_prompts", "table5_prompts", "V",
-                             "FPT+ with different numbers of fine-grained prompts", "# Prompts"),
-    "reduction": SweepSpec("reduction", "table6_reduction", "VI", "FPT+ with different reduction factors",
-                           "Reduction factor"),
-    "side_layers": SweepSpec("side_layers", "figure5_side_layers", "5", "FPT+ with different numbers of side layers",
-                             "Side layers"),
-    "token_ratio": SweepSpec("token_ratio", "figure8_token_ratio", "8",
-                             "FPT+ with different ratios of important tokens", "Token ratio"),
+    "side_res": SweepSpec(
+        "side_res",
+        "table4_side_res",
+        "IV",
+        "FPT+ with different input resolutions for the side network",
+        "Side input (px)",
+    ),
+    "num_prompts": SweepSpec(
+        "num_prompts", "table5_prompts", "V", "FPT+ with different numbers of fine-grained prompts", "# Prompts"
+    ),
+    "reduction": SweepSpec(
+        "reduction", "table6_reduction", "VI", "FPT+ with different reduction factors", "Reduction factor"
+    ),
+    "side_layers": SweepSpec(
+        "side_layers", "figure5_side_layers", "5", "FPT+ with different numbers of side layers", "Side layers"
+    ),
+    "token_ratio": SweepSpec(
+        "token_ratio", "figure8_token_ratio", "8", "FPT+ with different ratios of important tokens", "Token ratio"
+    ),
 }
 
 
@@ -479,8 +552,7 @@ def sweep_runs(runs: Runs, sel: Selection, options: Sequence[str], method: str =
     df = runs.df
     if df.empty:
         return df
-    pool = _filter(df, method=method, backbone=sel.backbone, res=sel.res, batch_size=sel.batch_size,
-                   epochs=sel.epochs)
+    pool = _filter(df, method=method, backbone=sel.backbone, res=sel.res, batch_size=sel.batch_size, epochs=sel.epochs)
     allowed = set(options)
     keep = [set(nd).issubset(allowed) for nd in pool["nondefault"]]
     return pool[keep]
@@ -503,8 +575,14 @@ def table_sweep(runs: Runs, sel: Selection, spec: SweepSpec, method: str = FPT_P
     with_results = [set(g.loc[g["status"] == FINISHED, "dataset"]) for g in per_value.values()]
     common = set.intersection(*with_results) if all(with_results) else set()
     datasets = sorted(common or set(pool["dataset"].dropna()))
-    full_pool = _filter(runs.df[runs.df["is_default"]], backbone=sel.backbone, res=sel.res,
-                        batch_size=sel.batch_size, epochs=sel.epochs, weights=weights)
+    full_pool = _filter(
+        runs.df[runs.df["is_default"]],
+        backbone=sel.backbone,
+        res=sel.res,
+        batch_size=sel.batch_size,
+        epochs=sel.epochs,
+        weights=weights,
+    )
     full = _full_reference(full_pool)
     columns = [
         Column("avg", "Avg. AUC", "max", 2),
@@ -591,13 +669,18 @@ def component_points(runs: Runs, sel: Selection, method: str = FPT_PLUS) -> tupl
     points = []
     for step, (chosen, sub) in chosen_runs.items():
         cells = summary_cells(sub, datasets, None)
-        points.append({
-            "step": int(step), "label": COMPONENT_LABELS[int(step)],
-            "avg_auc": cells["avg"].value if cells["avg"].has_value else None,
-            "mem_mb": cells["mem"].value if cells["mem"].has_value else None,
-            "mem_source": cells["mem"].source, "options": chosen, "n_runs": len(sub),
-            "run_ids": ";".join(ids(sub)),
-        })
+        points.append(
+            {
+                "step": int(step),
+                "label": COMPONENT_LABELS[int(step)],
+                "avg_auc": cells["avg"].value if cells["avg"].has_value else None,
+                "mem_mb": cells["mem"].value if cells["mem"].has_value else None,
+                "mem_source": cells["mem"].source,
+                "options": chosen,
+                "n_runs": len(sub),
+                "run_ids": ";".join(ids(sub)),
+            }
+        )
     if len(points) < 2:
         notes.append("fewer than two component-ablation steps have runs")
     return points, notes
@@ -614,10 +697,18 @@ def table_points(table: Table) -> list[dict[str, Any]]:
                 cell = cells.get(key)
                 return cell.value if cell is not None and cell.has_value and cell.status == "ok" else None
 
-            points.append({
-                "x": row.label.replace(" (default)", ""), "default": row.label.endswith("(default)"),
-                "label": row.label, "avg_auc": val("avg"), "params_pct": val("params"), "mem_mb": val("mem"),
-                "mem_estimated": row.cells.get("mem", Cell()).mark == ESTIMATED_MARK, "ppe": val("ppe"),
-                "pme": val("pme"), "run_ids": ";".join(_sum_ids(row.cells.values())),
-            })
+            points.append(
+                {
+                    "x": row.label.replace(" (default)", ""),
+                    "default": row.label.endswith("(default)"),
+                    "label": row.label,
+                    "avg_auc": val("avg"),
+                    "params_pct": val("params"),
+                    "mem_mb": val("mem"),
+                    "mem_estimated": row.cells.get("mem", Cell()).mark == ESTIMATED_MARK,
+                    "ppe": val("ppe"),
+                    "pme": val("pme"),
+                    "run_ids": ";".join(_sum_ids(row.cells.values())),
+                }
+            )
     return points

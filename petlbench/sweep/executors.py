@@ -19,15 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from petlbench.config import RunConfig
-from petlbench.results import FAILED, FINISHED, OOM, RUNNING, ResultStore, utc_now
+from petlbench.core.config import RunConfig
+from petlbench.core.results import FAILED, FINISHED, OOM, RUNNING, ResultStore, utc_now
 
 Summary = dict[str, Any]
 Log = Callable[[str], None]
 # Environment variables a remote worker needs to find data, plugins and caches like the driver does.
 FORWARDED_ENV = (
-    "PETLBENCH_DATA", "PETLBENCH_DATA_ROOT", "PETLBENCH_CACHE", "PETLBENCH_PLUGINS", "HF_HOME", "HF_HUB_OFFLINE",
-    "TORCH_HOME", "XDG_CACHE_HOME",
+    "PETLBENCH_DATA",
+    "PETLBENCH_DATA_ROOT",
+    "PETLBENCH_CACHE",
+    "PETLBENCH_PLUGINS",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "TORCH_HOME",
+    "XDG_CACHE_HOME",
 )
 _SOURCES: dict[tuple[Any, ...], Any] = {}  # per-process cache of opened datasets (Ray reuses worker processes)
 
@@ -48,7 +54,7 @@ def summary_of(record: dict[str, Any]) -> Summary:
 
 def _open_source(job: dict[str, Any], log: Log) -> Any:
     """The job's dataset, opened once per process."""
-    from petlbench.datasets.discover import open_dataset
+    from petlbench.data.discover import open_dataset
 
     key = (job["dataset"], job["split_dir"], job["skip_bad_images"])
     source = _SOURCES.get(key)
@@ -82,9 +88,9 @@ def run_job(job: dict[str, Any], hooks: Any = None) -> Summary:
     A run that already finished is not redone (unless the job says `force`): a retried task whose first attempt
     finished, or a second driver, finds it done.
     """
-    from petlbench.method import BackboneSpec, get_method
-    from petlbench.runner import efficiency_fn
-    from petlbench.training import ProgressHooks, run_training
+    from petlbench.core.method import BackboneSpec, get_method
+    from petlbench.engine.runner import efficiency_fn
+    from petlbench.engine.training import ProgressHooks, run_training
 
     hooks = hooks or ProgressHooks(log=lambda message: print(message, flush=True))
     store = ResultStore(job["results"])
@@ -209,7 +215,9 @@ class PoolExecutor:
         for device in self.devices:
             queue.put(device)
         return cf.ProcessPoolExecutor(
-            max_workers=len(self.devices), mp_context=self._context, initializer=_bind_device,
+            max_workers=len(self.devices),
+            mp_context=self._context,
+            initializer=_bind_device,
             initargs=(queue, len(self.devices)),
         )
 
@@ -280,7 +288,7 @@ def _ray_init_kwargs(address: str | None) -> dict[str, Any]:
         host = address.split("://")[-1].rsplit(":", 1)[0]
         if host.startswith("127."):
             kwargs["_node_ip_address"] = host  # a loopback-only cluster: the driver joins on the same address
-    from petlbench.datasets.cards import DATA_ROOT_ENV, DEFAULT_DATA_ROOT
+    from petlbench.data.cards import DATA_ROOT_ENV, DEFAULT_DATA_ROOT
 
     env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
     for name in ("PETLBENCH_DATA", "PETLBENCH_DATA_ROOT", "PETLBENCH_CACHE", "HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME"):
@@ -407,8 +415,9 @@ class SweepObserver(Protocol):
         """Called between waits (refresh)."""
 
 
-def run_sweep(plan: Any, store: ResultStore, executor: Executor, force: bool = False,
-              observer: SweepObserver | None = None) -> Any:
+def run_sweep(
+    plan: Any, store: ResultStore, executor: Executor, force: bool = False, observer: SweepObserver | None = None
+) -> Any:
     """Drive a sweep to the end: feed ready runs to the executor, settle searches, queue final runs.
 
     Returns the scheduler (its counts and selections). The results index is rebuilt from every result.json at
@@ -452,6 +461,17 @@ def local_devices(device: str) -> list[int | None]:
 
 
 __all__ = [
-    "FAILED", "FINISHED", "OOM", "RUNNING", "Executor", "LocalExecutor", "PoolExecutor", "RayExecutor",
-    "local_devices", "record_failure", "run_job", "run_sweep", "summary_of",
+    "FAILED",
+    "FINISHED",
+    "OOM",
+    "RUNNING",
+    "Executor",
+    "LocalExecutor",
+    "PoolExecutor",
+    "RayExecutor",
+    "local_devices",
+    "record_failure",
+    "run_job",
+    "run_sweep",
+    "summary_of",
 ]

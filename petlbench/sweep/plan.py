@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from petlbench.config import RunConfig
-from petlbench.results import FAILED, FINISHED, OOM, RUNNING, ResultStore
+from petlbench.core.config import RunConfig
+from petlbench.core.results import FAILED, FINISHED, OOM, RUNNING, ResultStore
 from petlbench.sweep.spec import BackboneChoice, SweepSpec, SweepSpecError
 
 SEARCH, FINAL = "search", "final"
@@ -160,7 +160,7 @@ class SweepPlan:
         return len(self.spec.grid.points()) > 1
 
     def phase_label(self, run: PlannedRun) -> str:
-        """"search"/"final", or "final" for the first seed when there is nothing to search."""
+        """ "search"/"final", or "final" for the first seed when there is nothing to search."""
         return run.phase if self.searched else FINAL
 
     def select(self, cell: CellPlan, store: ResultStore) -> Selection:
@@ -204,16 +204,17 @@ def _options_key(options: dict[str, str]) -> tuple[tuple[str, str], ...]:
 
 def _split_dir(results: Path, dataset: str | None) -> Path:
     """Where `petlbench run` keeps a dataset's split and caches under the results root."""
-    from petlbench.runner import dataset_slug
+    from petlbench.engine.runner import dataset_slug
 
     return results / "datasets" / dataset_slug(dataset)
 
 
-def _open_group(group: Group, spec: SweepSpec, results: Path, device: str, read_only: bool,
-                log: Callable[[str], None]) -> None:
+def _open_group(
+    group: Group, spec: SweepSpec, results: Path, device: str, read_only: bool, log: Callable[[str], None]
+) -> None:
     """Open the group's data through `petlbench run`'s own resolution, so run ids match `petlbench run`."""
-    from petlbench.datasets.source import DatasetError
-    from petlbench.runner import RunRequest, resolve
+    from petlbench.data.source import DatasetError
+    from petlbench.engine.runner import RunRequest, resolve
 
     backbone = group.backbone
     resolve_results = results
@@ -264,15 +265,20 @@ def _local_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def build_plan(spec: SweepSpec, results: str | Path, device: str = "cpu", read_only: bool = False,
-               log: Callable[[str], None] = lambda message: None) -> SweepPlan:
+def build_plan(
+    spec: SweepSpec,
+    results: str | Path,
+    device: str = "cpu",
+    read_only: bool = False,
+    log: Callable[[str], None] = lambda message: None,
+) -> SweepPlan:
     """Expand a spec into cells and search runs, opening each (dataset, backbone, resolution) once.
 
     `device` is where the runs will train ("cpu" or "cuda"; part of every run id). A group whose data cannot be
     opened keeps its error and gets no configs: a dry run still lists and counts its runs.
     """
-    from petlbench.method import get_method
-    from petlbench.options import OptionError
+    from petlbench.core.method import get_method
+    from petlbench.core.options import OptionError
 
     results = Path(results).absolute()
     points = spec.grid.points()
@@ -440,6 +446,18 @@ def iter_runs(plan: SweepPlan, store: ResultStore | None = None) -> Iterator[tup
 
 
 __all__ = [
-    "FINAL", "RUNNING", "SEARCH", "Cell", "CellPlan", "Group", "PlannedRun", "Scheduler", "Selection",
-    "SweepPlan", "build_plan", "iter_runs", "job_for", "select_point",
+    "FINAL",
+    "RUNNING",
+    "SEARCH",
+    "Cell",
+    "CellPlan",
+    "Group",
+    "PlannedRun",
+    "Scheduler",
+    "Selection",
+    "SweepPlan",
+    "build_plan",
+    "iter_runs",
+    "job_for",
+    "select_point",
 ]

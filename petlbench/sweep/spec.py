@@ -17,14 +17,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from petlbench.method import ATTENTION_CHOICES
-from petlbench.yamlfile import read_yaml
+from petlbench.core.method import ATTENTION_CHOICES
+from petlbench.core.yamlfile import read_yaml
 
 EMBEDDED = "embedded"  # dataset name meaning the embedded synthetic dataset (`petlbench run` without --dataset)
 SPEC_KEYS = (
-    "name", "description", "methods", "datasets", "backbones", "resolutions", "seeds", "grid",
-    "method_grids", "method_options", "epochs", "batch_size", "device", "amp", "attention", "workers",
-    "skip_bad_images", "profile", "results", "data_root", "max_retries",
+    "name",
+    "description",
+    "methods",
+    "datasets",
+    "backbones",
+    "resolutions",
+    "seeds",
+    "grid",
+    "method_grids",
+    "method_options",
+    "epochs",
+    "batch_size",
+    "device",
+    "amp",
+    "attention",
+    "workers",
+    "skip_bad_images",
+    "profile",
+    "results",
+    "data_root",
+    "max_retries",
 )
 GRID_KEYS = ("lr", "weight_decay")
 BACKBONE_KEYS = ("name", "pretrained", "weights")
@@ -154,8 +172,9 @@ def _number(value: Any, key: str, where: _Where, kind: type = float) -> Any:
         raise where.fail(key, f"expected a number, got {value!r}") from None
 
 
-def _numbers(value: Any, key: str, where: _Where, kind: type, minimum: float | None = None,
-             positive: bool = False) -> tuple[Any, ...]:
+def _numbers(
+    value: Any, key: str, where: _Where, kind: type, minimum: float | None = None, positive: bool = False
+) -> tuple[Any, ...]:
     """A non-empty tuple of distinct numbers, each checked against the bounds."""
     items = _as_list(value, key, where)
     if not items:
@@ -199,7 +218,7 @@ def _unknown_keys(data: Mapping[str, Any], allowed: Sequence[str], prefix: str, 
 
 def _methods(value: Any, where: _Where) -> tuple[str, ...]:
     """Method keys ('all' for every method), each known."""
-    from petlbench.method import method_keys
+    from petlbench.core.method import method_keys
 
     known = method_keys()
     items = [str(m) for m in _as_list(value, "methods", where)]
@@ -283,8 +302,8 @@ def _grid(value: Any, where: _Where) -> HyperGrid:
 
 def _method_table(value: Any, key: str, where: _Where, grid: bool) -> dict[str, Any]:
     """Per-method option mappings ({method: {option: value}}); option names and values are checked."""
-    from petlbench.method import get_method, method_keys
-    from petlbench.options import OptionError
+    from petlbench.core.method import get_method, method_keys
+    from petlbench.core.options import OptionError
 
     if value is None:
         return {}
@@ -387,7 +406,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> SweepSpec:
 
 def check_backbones(spec: SweepSpec) -> None:
     """Every backbone must be a timm ViT whose patch size divides every resolution (no weights are loaded)."""
-    from petlbench.backbone import BackboneError, check_resolution
+    from petlbench.backbones.vit import BackboneError, check_resolution
 
     where = _Where(spec.source)
     for i, backbone in enumerate(spec.backbones):
@@ -452,9 +471,9 @@ def _merge_method_table(base: Any, update: Mapping[str, Any]) -> Any:
 
 def builtin_specs_dir() -> Path:
     """Folder of the specs shipped with petlbench (paper.yaml, smoke.yaml)."""
-    import petlbench.datasets
+    from petlbench.data.cards import shipped_folder
 
-    return Path(petlbench.datasets.__file__).resolve().parent / "sweeps"
+    return shipped_folder("sweeps")
 
 
 def resolve_spec_path(path: str | Path) -> Path:

@@ -22,8 +22,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from petlbench.atomic import write_json_atomic
-from petlbench.results import FAILED, FINISHED, OOM, RUNNING, ResultStore, utc_now
+from petlbench.core.atomic import write_json_atomic
+from petlbench.core.results import FAILED, FINISHED, OOM, RUNNING, ResultStore, utc_now
 from petlbench.sweep.plan import FINAL, PlannedRun, SweepPlan, iter_runs
 
 STATE_DIR = "_sweeps"  # under the results root; holds no result.json, so the results table ignores it
@@ -189,8 +189,9 @@ def render_status(status: SweepStatus, console: Console, max_failures: int = 20)
     plan = status.plan
     total = sum(counts.values())
     driver = "a sweep process is running" if status.driver_running else "no sweep process is running"
-    console.print(f"sweep [bold]{plan.spec.name}[/bold] · {escape(str(plan.results))} · {total} runs · {driver}",
-                  soft_wrap=True)
+    console.print(
+        f"sweep [bold]{plan.spec.name}[/bold] · {escape(str(plan.results))} · {total} runs · {driver}", soft_wrap=True
+    )
     table = Table(title="Runs")
     for column in ("state", "runs", "detail"):
         table.add_column(column, justify="right" if column == "runs" else "left")
@@ -198,8 +199,9 @@ def render_status(status: SweepStatus, console: Console, max_failures: int = 20)
     table.add_row("[cyan]running[/cyan]", str(counts["running"]), "")
     table.add_row("[red]failed[/red]", str(counts["failed"]), "")
     pending = status.pending_reasons()
-    table.add_row("pending", str(counts["pending"]),
-                  escape("; ".join(f"{n} {why}" for why, n in pending.most_common())))
+    table.add_row(
+        "pending", str(counts["pending"]), escape("; ".join(f"{n} {why}" for why, n in pending.most_common()))
+    )
     console.print(table)
     failures = status.failure_reasons()
     if failures:
@@ -215,14 +217,21 @@ def render_status(status: SweepStatus, console: Console, max_failures: int = 20)
             failed.add_column(column)
         for entry in [r for r in status.runs if r.state == "failed"][:max_failures]:
             cfg = entry.run.config
-            failed.add_row(entry.run.run_id or "—", escape(entry.label), entry.phase,
-                           _fmt(cfg.lr if cfg else None, "g"), _fmt(cfg.weight_decay if cfg else None, "g"),
-                           str(entry.run.seed))
+            failed.add_row(
+                entry.run.run_id or "—",
+                escape(entry.label),
+                entry.phase,
+                _fmt(cfg.lr if cfg else None, "g"),
+                _fmt(cfg.weight_decay if cfg else None, "g"),
+                str(entry.run.seed),
+            )
         console.print(failed)
     missing = {g.dataset or "embedded": g.error for g in plan.missing}
     for dataset, error in missing.items():
-        console.print(f"[yellow]data missing for {escape(dataset)}:[/yellow] {escape((error or '').splitlines()[0])}",
-                      soft_wrap=True)
+        console.print(
+            f"[yellow]data missing for {escape(dataset)}:[/yellow] {escape((error or '').splitlines()[0])}",
+            soft_wrap=True,
+        )
 
 
 def cell_rows(plan: SweepPlan, store: ResultStore) -> list[dict[str, Any]]:
@@ -230,20 +239,33 @@ def cell_rows(plan: SweepPlan, store: ResultStore) -> list[dict[str, Any]]:
     rows = []
     for cell in plan.cells:
         selection = plan.select(cell, store)
-        row: dict[str, Any] = {"cell": cell.cell.label, "state": selection.state, "reason": selection.reason,
-                               "lr": None, "weight_decay": None, "val_auc": selection.val_auc,
-                               "test_auc": (math.nan, math.nan), "seeds_done": 0, "seeds": len(plan.spec.seeds)}
+        row: dict[str, Any] = {
+            "cell": cell.cell.label,
+            "state": selection.state,
+            "reason": selection.reason,
+            "lr": None,
+            "weight_decay": None,
+            "val_auc": selection.val_auc,
+            "test_auc": (math.nan, math.nan),
+            "seeds_done": 0,
+            "seeds": len(plan.spec.seeds),
+        }
         if selection.state == "chosen" and selection.point is not None:
             runs = [cell.run_at(selection.point, plan.spec.seeds[0], FINAL), *cell.finals(selection.point)]
             records = [store.load(r.run_id or "") for r in runs]
             done = [r for r in records if r and r.get("status") == FINISHED]
-            tests = [float(r["metrics"]["test_auc"]) for r in done
-                     if (r.get("metrics") or {}).get("test_auc") is not None]
+            tests = [
+                float(r["metrics"]["test_auc"]) for r in done if (r.get("metrics") or {}).get("test_auc") is not None
+            ]
             mean = statistics.fmean(tests) if tests else math.nan
             std = statistics.stdev(tests) if len(tests) > 1 else (0.0 if tests else math.nan)
             config = runs[0].config
-            row.update(lr=config.lr if config else None, weight_decay=config.weight_decay if config else None,
-                       test_auc=(mean, std), seeds_done=len(done))
+            row.update(
+                lr=config.lr if config else None,
+                weight_decay=config.weight_decay if config else None,
+                test_auc=(mean, std),
+                seeds_done=len(done),
+            )
         rows.append(row)
     return rows
 
@@ -258,8 +280,14 @@ def render_cells(plan: SweepPlan, store: ResultStore, console: Console) -> None:
         test = "—" if not math.isfinite(mean) else f"{mean:.2f} ± {std:.2f}"
         if row["state"] != "chosen":
             test = f"[dim]{row['state']}: {escape(row['reason'])}[/dim]" if row["reason"] else row["state"]
-        table.add_row(escape(row["cell"]), _fmt(row["lr"], "g"), _fmt(row["weight_decay"], "g"), _fmt(row["val_auc"]),
-                      test, f"{row['seeds_done']}/{row['seeds']}")
+        table.add_row(
+            escape(row["cell"]),
+            _fmt(row["lr"], "g"),
+            _fmt(row["weight_decay"], "g"),
+            _fmt(row["val_auc"]),
+            test,
+            f"{row['seeds_done']}/{row['seeds']}",
+        )
     console.print(table)
 
 
@@ -301,7 +329,7 @@ class LiveView:
 
     def hooks_for(self, job: dict[str, Any]) -> Any:
         """Progress hooks for a run trained in this process: epoch and batch progress in the run's row."""
-        from petlbench.training import ProgressHooks
+        from petlbench.engine.training import ProgressHooks
 
         run_id = job["run_id"]
 
@@ -332,11 +360,16 @@ class LiveView:
         done = counts.get("done", 0) + counts.get("failed", 0) + counts.get("blocked", 0)
         status = summary.get("status")
         colour = {"finished": "green", "failed": "red", "oom": "red"}.get(status or "", "yellow")
-        extra = (f"val {_fmt(summary.get('val_auc'))} test {_fmt(summary.get('test_auc'))}" if status == FINISHED
-                 else (summary.get("error") or "")[:200])
+        extra = (
+            f"val {_fmt(summary.get('val_auc'))} test {_fmt(summary.get('test_auc'))}"
+            if status == FINISHED
+            else (summary.get("error") or "")[:200]
+        )
         self.live.console.print(
             f"\\[{done}/{counts.get('total', '?')}] [{colour}]{status}[/{colour}] {escape(job['label'])} · "
-            f"{escape(extra)} ({seconds:.1f}s)", highlight=False, soft_wrap=True,
+            f"{escape(extra)} ({seconds:.1f}s)",
+            highlight=False,
+            soft_wrap=True,
         )
 
     def tick(self) -> None:
@@ -376,8 +409,10 @@ class LiveView:
             + f" · elapsed {_clock(elapsed)} · ETA {_clock(eta) if eta is not None else '—'}"
         )
         bar = Table.grid(padding=(0, 1))
-        bar.add_row(ProgressBar(total=max(1, counts["total"]), completed=settled, width=50),
-                    Text(f"{settled}/{counts['total']}"))
+        bar.add_row(
+            ProgressBar(total=max(1, counts["total"]), completed=settled, width=50),
+            Text(f"{settled}/{counts['total']}"),
+        )
         parts: list[RenderableType] = [head, bar]
         if self.active:
             table = Table(show_edge=False, box=None, padding=(0, 1))

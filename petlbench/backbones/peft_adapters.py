@@ -15,7 +15,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from peft.tuners.adalora import AdaLoraModel
 from timm.models.vision_transformer import VisionTransformer
 
-from petlbench.split_qkv import split_qkv
+from petlbench.backbones.split_qkv import split_qkv
 
 # peft full-matches a string `target_modules` against each module's full name.
 QV_TARGET_REGEX = r"blocks\.\d+\.attn\.(q|v)"

@@ -31,7 +31,7 @@ def spec_overrides(
     **settings: Any,
 ) -> dict[str, Any]:
     """Command-line flags as spec keys (flags override the spec file; a repeated --opt key makes a grid)."""
-    from petlbench.options import parse_opt_flags
+    from petlbench.core.options import parse_opt_flags
 
     data: dict[str, Any] = {}
     if methods is not None:
@@ -140,7 +140,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Search lr x weight decay on validation AUC per cell with one seed, then run all seeds at the best point."""
-        from petlbench.cli import fail, user_errors
+        from petlbench.cli.common import fail, user_errors
         from petlbench.sweep.spec import SweepSpecError, load_spec
 
         if executor not in EXECUTORS:
@@ -149,9 +149,24 @@ def register(app: typer.Typer) -> None:
             fail("--gpus-per-run and --cpus-per-run must be > 0")
         try:
             overrides = spec_overrides(
-                methods=methods, datasets=datasets, backbones=backbones, pretrained=pretrained, weights=weights,
-                res=res, seeds=seeds, lr=lr, weight_decay=weight_decay, opt=opt, epochs=epochs, batch_size=batch_size,
-                device=device, amp=amp, attention=attention, workers=workers, profile=profile, data_root=data_root,
+                methods=methods,
+                datasets=datasets,
+                backbones=backbones,
+                pretrained=pretrained,
+                weights=weights,
+                res=res,
+                seeds=seeds,
+                lr=lr,
+                weight_decay=weight_decay,
+                opt=opt,
+                epochs=epochs,
+                batch_size=batch_size,
+                device=device,
+                amp=amp,
+                attention=attention,
+                workers=workers,
+                profile=profile,
+                data_root=data_root,
                 max_retries=max_retries,
             )
             spec_obj = load_spec(spec, overrides)
@@ -187,7 +202,7 @@ def _planning_device(spec: Any, results: Path) -> str:
 
 def _plan(spec: Any, results: Path, device: str, read_only: bool) -> Any:
     """Build the plan, turning spec and data errors into a clean exit."""
-    from petlbench.cli import fail, user_errors
+    from petlbench.cli.common import fail, user_errors
     from petlbench.sweep.plan import build_plan
     from petlbench.sweep.spec import SweepSpecError
 
@@ -202,7 +217,7 @@ def _plan(spec: Any, results: Path, device: str, read_only: bool) -> Any:
 
 def _dry_run(spec: Any, results: Path, executor: str) -> None:
     """Print every planned run, the count, and which data roots are missing."""
-    from petlbench.cli import console
+    from petlbench.cli.common import console
     from petlbench.sweep.status import dry_run_lines
 
     device = _planning_device(spec, results)
@@ -238,8 +253,8 @@ def _dry_run(spec: Any, results: Path, executor: str) -> None:
 
 def _status(spec: Any, results: Path) -> None:
     """Print done/running/failed/pending counts, failure reasons and each cell's outcome."""
-    from petlbench.cli import console
-    from petlbench.results import ResultStore
+    from petlbench.cli.common import console
+    from petlbench.core.results import ResultStore
     from petlbench.sweep.status import render_cells, render_status, sweep_status
 
     plan = _plan(spec, results, _planning_device(spec, results), read_only=True)
@@ -248,12 +263,19 @@ def _status(spec: Any, results: Path) -> None:
     render_cells(plan, store, console)
 
 
-def _run(spec: Any, results: Path, executor_name: str, ray_address: str | None, gpus_per_run: float,
-         cpus_per_run: float, force: bool) -> None:
+def _run(
+    spec: Any,
+    results: Path,
+    executor_name: str,
+    ray_address: str | None,
+    gpus_per_run: float,
+    cpus_per_run: float,
+    force: bool,
+) -> None:
     """Plan, take the driver lock, run the sweep with the live view, then summarise."""
-    from petlbench.cli import console, fail
-    from petlbench.environment import resolve_device
-    from petlbench.results import ResultStore
+    from petlbench.cli.common import console, fail
+    from petlbench.core.environment import resolve_device
+    from petlbench.core.results import ResultStore
     from petlbench.sweep.executors import LocalExecutor, PoolExecutor, RayExecutor, local_devices, run_sweep
     from petlbench.sweep.status import DriverLock, LiveView, SweepBusyError, render_cells, render_status, sweep_status
 
@@ -262,8 +284,12 @@ def _run(spec: Any, results: Path, executor_name: str, ray_address: str | None, 
     if executor_name == "ray":
         try:
             executor = RayExecutor(
-                store, address=ray_address, gpus_per_run=0.0 if spec.device == "cpu" else gpus_per_run,
-                cpus_per_run=cpus_per_run, max_retries=spec.max_retries, log=console.print,
+                store,
+                address=ray_address,
+                gpus_per_run=0.0 if spec.device == "cpu" else gpus_per_run,
+                cpus_per_run=cpus_per_run,
+                max_retries=spec.max_retries,
+                log=console.print,
             )
         except (RuntimeError, ValueError) as err:
             fail(escape(str(err)))
@@ -287,8 +313,15 @@ def _run(spec: Any, results: Path, executor_name: str, ray_address: str | None, 
         fail(f"data missing for {len({g.dataset for g in plan.missing})} dataset(s) (see --dry-run):\n{lines}")
     lock = DriverLock(results, spec.name)
     try:
-        lock.acquire({"name": spec.name, "spec": spec.source, "device": device, "executor": executor_name,
-                      "total_runs": plan.total})
+        lock.acquire(
+            {
+                "name": spec.name,
+                "spec": spec.source,
+                "device": device,
+                "executor": executor_name,
+                "total_runs": plan.total,
+            }
+        )
     except SweepBusyError as err:
         if executor is not None:
             executor.close()

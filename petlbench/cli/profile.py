@@ -25,7 +25,7 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 
 def _options(opt: list[str] | None) -> dict[str, dict[str, str]]:
-    from petlbench.options import parse_opt_flags
+    from petlbench.core.options import parse_opt_flags
 
     return parse_opt_flags(opt)
 
@@ -50,8 +50,8 @@ def profile(
 ) -> None:
     """Parameters, FLOPs (attention counted), estimated peak training memory and, with --measure, measured
     memory, throughput and power of each method."""
-    from petlbench.cli import check_attention, console, fail, user_errors
-    from petlbench.method import BackboneSpec
+    from petlbench.cli.common import check_attention, console, fail, user_errors
+    from petlbench.core.method import BackboneSpec
     from petlbench.profiling import FLOPS_UNIT, profile_methods
 
     if batch_size < 1 or res < 1:
@@ -59,8 +59,17 @@ def profile(
     check_attention(attention)
     started = time.perf_counter()
     try:
-        rows = profile_methods(methods, BackboneSpec(backbone), res, batch_size, num_classes=num_classes,
-                               measure=measure, device=device, attention=attention, options=_options(opt))
+        rows = profile_methods(
+            methods,
+            BackboneSpec(backbone),
+            res,
+            batch_size,
+            num_classes=num_classes,
+            measure=measure,
+            device=device,
+            attention=attention,
+            options=_options(opt),
+        )
     except user_errors() as err:
         fail(str(err))
     if as_json:
@@ -75,22 +84,38 @@ def profile(
     for column in columns:
         table.add_column(column, justify="left" if column in ("Method", "Attention") else "right")
     for r in rows:
-        cells = [r["name"], f"{r['trainable']:,}", _fmt(r["ratio_pct"], 4), r["attention"], _fmt(r["fwd_gflops"], 2),
-                 _fmt(r["train_step_gflops"], 2), _fmt(r["est_peak_mem_mb"])]
+        cells = [
+            r["name"],
+            f"{r['trainable']:,}",
+            _fmt(r["ratio_pct"], 4),
+            r["attention"],
+            _fmt(r["fwd_gflops"], 2),
+            _fmt(r["train_step_gflops"], 2),
+            _fmt(r["est_peak_mem_mb"]),
+        ]
         if measure:
             power = r.get("power") or {}
-            cells += [_fmt(r.get("measured_peak_allocated_mb")), _fmt(r.get("measured_peak_reserved_mb")),
-                      _fmt(r.get("nvml_process_mem_mb")), _fmt(r.get("train_images_per_s"), 2),
-                      _fmt(power.get("power_avg_w")), _fmt(power.get("energy_j"))]
+            cells += [
+                _fmt(r.get("measured_peak_allocated_mb")),
+                _fmt(r.get("measured_peak_reserved_mb")),
+                _fmt(r.get("nvml_process_mem_mb")),
+                _fmt(r.get("train_images_per_s"), 2),
+                _fmt(power.get("power_avg_w")),
+                _fmt(power.get("energy_j")),
+            ]
         table.add_row(*cells)
     console.print(table)
-    console.print(f"FLOPs: {FLOPS_UNIT}. Est. peak: data-less (meta/fake tensor) replay of one steady-state step "
-                  "(CUDA target, tensors only: no CUDA context or workspaces), MiB.")
+    console.print(
+        f"FLOPs: {FLOPS_UNIT}. Est. peak: data-less (meta/fake tensor) replay of one steady-state step "
+        "(CUDA target, tensors only: no CUDA context or workspaces), MiB."
+    )
     notes = [r for r in rows if r.get("preload_gflops_per_image") is not None]
     for r in notes:
-        console.print(f"{r['name']}: preloaded features; one-off preload cost {_fmt(r['preload_gflops_per_image'], 2)} "
-                      f"GFLOPs/image; without preloading {_fmt(r.get('train_step_gflops_no_preload'), 2)} GFLOPs per "
-                      f"train step and {_fmt(r.get('est_peak_mem_mb_no_preload'))} MiB.")
+        console.print(
+            f"{r['name']}: preloaded features; one-off preload cost {_fmt(r['preload_gflops_per_image'], 2)} "
+            f"GFLOPs/image; without preloading {_fmt(r.get('train_step_gflops_no_preload'), 2)} GFLOPs per "
+            f"train step and {_fmt(r.get('est_peak_mem_mb_no_preload'))} MiB."
+        )
     if measure and rows and (rows[0].get("power") or {}).get("reason"):
         console.print(f"power: n/a ({rows[0]['power']['reason']})")
 
@@ -107,8 +132,8 @@ def memory(
     opt: Annotated[list[str] | None, typer.Option("--opt", help="Method option METHOD.KEY=VALUE (repeatable).")] = None,
 ) -> None:
     """Estimated peak training memory of each method at each resolution (no GPU needed)."""
-    from petlbench.cli import check_attention, console, fail, user_errors
-    from petlbench.method import BackboneSpec
+    from petlbench.cli.common import check_attention, console, fail, user_errors
+    from petlbench.core.method import BackboneSpec
     from petlbench.profiling import memory_sweep, parse_mem
 
     try:
@@ -124,8 +149,16 @@ def memory(
     check_attention(attention)
     started = time.perf_counter()
     try:
-        rows = memory_sweep(methods, BackboneSpec(backbone), resolutions, batch_size, gpu_mem_bytes=budget,
-                            num_classes=num_classes, attention=attention, options=_options(opt))
+        rows = memory_sweep(
+            methods,
+            BackboneSpec(backbone),
+            resolutions,
+            batch_size,
+            gpu_mem_bytes=budget,
+            num_classes=num_classes,
+            attention=attention,
+            options=_options(opt),
+        )
     except user_errors() as err:
         fail(str(err))
     if as_json:
@@ -133,8 +166,10 @@ def memory(
         return
     from rich.table import Table
 
-    table = Table(title=f"Estimated peak training memory (MiB): {backbone}, batch {batch_size} "
-                        f"({time.perf_counter() - started:.1f}s)")
+    table = Table(
+        title=f"Estimated peak training memory (MiB): {backbone}, batch {batch_size} "
+        f"({time.perf_counter() - started:.1f}s)"
+    )
     table.add_column("Method")
     for r in resolutions:
         table.add_column(f"{r} px", justify="right")
@@ -168,20 +203,31 @@ def bench(
     opt: Annotated[list[str] | None, typer.Option("--opt", help="Method option METHOD.KEY=VALUE (repeatable).")] = None,
 ) -> None:
     """Efficiency of every method relative to full fine-tuning, measured on this machine's CPU."""
-    from petlbench.cli import console, fail, user_errors
-    from petlbench.method import BackboneSpec
+    from petlbench.cli.common import console, fail, user_errors
+    from petlbench.core.method import BackboneSpec
     from petlbench.profiling import run_bench
 
     started = time.perf_counter()
     try:
-        report = run_bench(methods, BackboneSpec(backbone), res=res, batch_size=batch_size, steps=steps,
-                           warmup=warmup, out_md=out, out_json=json_out, options=_options(opt),
-                           log=lambda line: console.print(line, markup=False))
+        report = run_bench(
+            methods,
+            BackboneSpec(backbone),
+            res=res,
+            batch_size=batch_size,
+            steps=steps,
+            warmup=warmup,
+            out_md=out,
+            out_json=json_out,
+            options=_options(opt),
+            log=lambda line: console.print(line, markup=False),
+        )
     except user_errors() as err:
         fail(str(err))
     console.print(Path(report["paths"][0]).read_text(), markup=False)
-    console.print(f"bench written: {report['paths'][0]}, {report['paths'][1]} "
-                  f"({time.perf_counter() - started:.0f}s)", markup=False)
+    console.print(
+        f"bench written: {report['paths'][0]}, {report['paths'][1]} ({time.perf_counter() - started:.0f}s)",
+        markup=False,
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from petlbench.method import BackboneSpec, BuildContext, PetlModel, get_method
+from petlbench.core.method import BackboneSpec, BuildContext, PetlModel, get_method
 
 
 def build_for_inspection(

@@ -26,12 +26,13 @@ def report(
     dataset: Annotated[str | None, typer.Option(help="Dataset of Table II (default: most common).")] = None,
 ) -> None:
     """Build the papers' tables (Markdown, LaTeX, CSV) and figures (PNG, PDF) from stored runs, plus index.md."""
-    from petlbench.cli import console, fail
+    from petlbench.cli.common import console, fail
     from petlbench.reports import build_report
 
     try:
-        index = build_report(results, out, gpu_mem=gpu_mem, backbone=backbone, res=res,
-                             table3_backbone=table3_backbone, dataset=dataset)
+        index = build_report(
+            results, out, gpu_mem=gpu_mem, backbone=backbone, res=res, table3_backbone=table3_backbone, dataset=dataset
+        )
     except ValueError as err:
         fail(str(err))
     console.print(f"report written: [bold]{index}[/bold]")
@@ -47,9 +48,9 @@ def plot_memory(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("reports"),
 ) -> None:
     """Figure 2 from the memory estimator: training memory against resolution per method (no GPU needed)."""
-    from petlbench.cli import console, fail, user_errors
+    from petlbench.cli.common import console, fail, user_errors
+    from petlbench.engine.runner import parse_methods
     from petlbench.reports.build import memory_estimate_figure, parse_gpu_mem
-    from petlbench.runner import parse_methods
 
     try:
         resolutions = [int(r) for r in res.split(",") if r.strip()]
@@ -71,8 +72,9 @@ def plot_memory(
         paths = memory_estimate_figure(keys, backbone, resolutions, batch_size, gpu_mem, out)
     except user_errors() as err:
         fail(str(err))
-    console.print(f"memory figure written: [bold]{paths[0]}[/bold] (+ .pdf, .csv) in "
-                  f"{time.perf_counter() - started:.1f}s")
+    console.print(
+        f"memory figure written: [bold]{paths[0]}[/bold] (+ .pdf, .csv) in {time.perf_counter() - started:.1f}s"
+    )
 
 
 def register(app: typer.Typer) -> None:

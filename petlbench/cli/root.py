@@ -1,4 +1,4 @@
-"""The `petlbench` command line: a thin typer layer over functions a notebook can call too."""
+"""The root `petlbench` command: run, methods, params, datasets, preload; the other groups register here."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from petlbench.cli.common import check_attention, console, err_console, fail, user_errors
 
 app = typer.Typer(
     help="Compare parameter-efficient transfer learning methods (FPT+, FPT, LoRA, ...) on high-resolution images.",
@@ -22,44 +23,9 @@ app = typer.Typer(
 )
 datasets_app = typer.Typer(help="Generate and check datasets.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
 
 # Command groups living in their own modules; each exposes `register(app)`.
-COMMAND_MODULES = ("petlbench.commands.profile", "petlbench.commands.report", "petlbench.commands.sweep")
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the request is wrong": shown as one clear message, exit code 2."""
-    from petlbench.backbone import BackboneError
-    from petlbench.options import OptionError
-    from petlbench.registry import RegistryError
-    from petlbench.runner import RunRequestError
-
-    errors: list[type[BaseException]] = [BackboneError, OptionError, RegistryError, RunRequestError]
-    try:
-        from petlbench.datasets.discover import DatasetError
-
-        errors.append(DatasetError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-def fail(message: str) -> None:
-    """Print an error and exit with status 2."""
-    # soft_wrap: file paths in the message must stay whole (greppable, copyable); no markup in user text
-    err_console.print("[bold red]error:[/bold red] ", end="")
-    err_console.print(message, markup=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def check_attention(attention: str) -> None:
-    """Exit with a clear error unless `attention` names a known attention kernel."""
-    from petlbench.method import ATTENTION_CHOICES
-
-    if attention not in ATTENTION_CHOICES:
-        fail(f"--attention {attention!r}: use {', '.join(ATTENTION_CHOICES)}")
+COMMAND_MODULES = ("petlbench.cli.profile", "petlbench.cli.report", "petlbench.cli.sweep")
 
 
 def _fmt_pm(pair: tuple[float, float]) -> str:
@@ -102,9 +68,9 @@ def run(
     reports_dir: Annotated[Path, typer.Option("--reports", help="Report folder for --report.")] = Path("reports"),
 ) -> None:
     """Train and evaluate methods on one dataset with the papers' protocol; store and summarise results."""
-    from petlbench.results import ResultStore
-    from petlbench.runner import RunRequest, execute, resolve, summarise
-    from petlbench.training import ProgressHooks
+    from petlbench.core.results import ResultStore
+    from petlbench.engine.runner import RunRequest, execute, resolve, summarise
+    from petlbench.engine.training import ProgressHooks
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -193,8 +159,8 @@ def _refresh_report(results: Path, out: Path) -> None:
 @app.command("methods")
 def list_methods(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """List the methods with their display names and options (defaults and help)."""
-    from petlbench.method import get_method, method_keys
-    from petlbench.options import describe
+    from petlbench.core.method import get_method, method_keys
+    from petlbench.core.options import describe
 
     entries = []
     for key in method_keys():
@@ -227,11 +193,11 @@ def params(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per method.")] = False,
 ) -> None:
     """Trainable and total parameter counts and their ratio (%) for every method (Table I's Params)."""
-    from petlbench.backbone import check_resolution
-    from petlbench.method import BackboneSpec
-    from petlbench.options import parse_opt_flags
-    from petlbench.params import param_row
-    from petlbench.runner import parse_methods
+    from petlbench.backbones.vit import check_resolution
+    from petlbench.core.method import BackboneSpec
+    from petlbench.core.options import parse_opt_flags
+    from petlbench.engine.params import param_row
+    from petlbench.engine.runner import parse_methods
 
     try:
         keys = parse_methods(methods)
@@ -262,7 +228,7 @@ def datasets_synth(
     seed: Annotated[int, typer.Option(help="Generator seed (same seed, same bytes).")] = 0,
 ) -> None:
     """Generate the deterministic synthetic high-resolution lesion dataset."""
-    from petlbench.datasets.synthetic import generate
+    from petlbench.data.synthetic import generate
 
     kwargs: dict[str, Any] = {"size": size, "seed": seed}
     if n_per_class is not None:
@@ -279,7 +245,7 @@ def datasets_check(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List unreadable/empty files, empty classes, classes missing from a split, and class counts per split."""
-    from petlbench.datasets.check import check_dataset
+    from petlbench.data.check import check_dataset
 
     try:
         report = check_dataset(path)
@@ -305,8 +271,8 @@ def preload(
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Run the frozen large model once over every image and cache what FPT/FPT+ fusion modules need."""
-    from petlbench.preload import preload as run_preload
-    from petlbench.runner import RunRequest, resolve
+    from petlbench.engine.runner import RunRequest, resolve
+    from petlbench.fpt.cache import preload as run_preload
 
     try:
         resolved = resolve(
@@ -358,7 +324,3 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted: finished runs are stored; re-run the same command to resume")
         sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

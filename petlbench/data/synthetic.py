@@ -26,9 +26,9 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw, ImageFilter
 
-from .source import SPLITS
+from petlbench.data.source import SPLITS
 
-GENERATOR = "petlbench.datasets.synthetic"
+GENERATOR = "petlbench.data.synthetic"
 GENERATOR_VERSION = 1
 EMBEDDED_NAME = "synthetic-lesions-v1"
 COMPLETE_MARKER = ".complete"  # written last: a folder without it is a partial generation
@@ -111,9 +111,7 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return np.asarray(Image.fromarray(grid, mode="F").resize((size, size), Image.Resampling.BICUBIC))
 
 
-def _vessel_mask(
-    rng: np.random.Generator, size: int, cx: float, cy: float, radius: float, od: tuple[float, float]
-):
+def _vessel_mask(rng: np.random.Generator, size: int, cx: float, cy: float, radius: float, od: tuple[float, float]):
     """Vessel trees leaving the optic disc as smooth random walks; returns a float mask in [0, 1]."""
     scale = size / 1024.0
     mask = Image.new("L", (size, size), 0)
@@ -133,9 +131,7 @@ def _vessel_mask(
                     break
                 points.append((x, y))
                 if width > 2.5 and rng.random() < 0.08:
-                    branches.append(
-                        (x, y, angle + rng.choice([-1.0, 1.0]) * rng.uniform(0.4, 0.9), width * 0.6)
-                    )
+                    branches.append((x, y, angle + rng.choice([-1.0, 1.0]) * rng.uniform(0.4, 0.9), width * 0.6))
             if len(points) > 1:
                 draw.line(points, fill=255, width=max(1, round(width * scale)), joint="curve")
     mask = mask.filter(ImageFilter.BoxBlur(max(0.5, scale)))  # soft vessel walls
@@ -179,9 +175,7 @@ def _background(size: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[s
     macula = (cx - side * 0.05 * radius, cy + rng.uniform(-0.04, 0.04) * radius)
     od_r = 0.085 * radius
     od_colour = np.array([0.98, 0.82, 0.55], dtype=np.float32)
-    _blend_blob(
-        img, *od, 1.2 * od_r, lambda d2: np.clip(1.4 - d2 / od_r**2, 0.0, 1.0) * 0.85, lambda p: od_colour
-    )
+    _blend_blob(img, *od, 1.2 * od_r, lambda d2: np.clip(1.4 - d2 / od_r**2, 0.0, 1.0) * 0.85, lambda p: od_colour)
     mac_s = 0.11 * radius
     _blend_blob(img, *macula, 3.5 * mac_s, lambda d2: 0.35 * np.exp(-d2 / mac_s**2), lambda p: 0 * p)
 
@@ -389,9 +383,7 @@ def embedded_default(log: Callable[[str], None] = print) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
-        if any(target.iterdir()) and not (
-            (target / CARD_FILE).is_file() or (target / COMPLETE_MARKER).is_file()
-        ):
+        if any(target.iterdir()) and not ((target / CARD_FILE).is_file() or (target / COMPLETE_MARKER).is_file()):
             raise FileExistsError(
                 f"{target} exists but holds no petlbench synthetic dataset; move it away or point PETLBENCH_DATA "
                 "at another folder"

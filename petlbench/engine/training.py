@@ -21,14 +21,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
-from petlbench.config import RunConfig
-from petlbench.datasets.source import DatasetSource
-from petlbench.datasets.views import ViewDataset
-from petlbench.environment import environment
-from petlbench.method import BackboneSpec, BuildContext, Method, PetlModel
-from petlbench.metrics import classification_metrics
-from petlbench.results import FAILED, FINISHED, OOM, ResultStore, utc_now
-from petlbench.step import make_optimizer, train_step
+from petlbench.core.config import RunConfig
+from petlbench.core.environment import environment
+from petlbench.core.method import BackboneSpec, BuildContext, Method, PetlModel
+from petlbench.core.results import FAILED, FINISHED, OOM, ResultStore, utc_now
+from petlbench.data.source import DatasetSource
+from petlbench.data.views import ViewDataset
+from petlbench.engine.metrics import classification_metrics
+from petlbench.engine.step import flush_denormals, make_optimizer, train_step
 
 
 @dataclass
@@ -123,6 +123,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of `model` on one split (softmax probabilities, AUC x100)."""
     model.eval()
+    flush_denormals()
     labels, probs = [], []
     for i, batch in enumerate(loader):
         batch = to_device(batch, device)
@@ -262,7 +263,7 @@ def run_training(
 ) -> dict[str, Any]:
     """Train and evaluate one configuration; returns the stored record whatever the outcome."""
     hooks = hooks or ProgressHooks()
-    from petlbench.environment import resolve_device
+    from petlbench.core.environment import resolve_device
 
     device = resolve_device(cfg.device)
     record = store.mark_running(cfg.run_id, cfg.to_dict(), method.display_name)
@@ -402,7 +403,7 @@ def _save_introspection(
         maps = model.introspect(batch)
     if maps is None:
         return
-    from petlbench.datasets.loading import load_image
+    from petlbench.data.loading import load_image
     from petlbench.reports import introspection_arrays, save_introspection
 
     # the un-normalised high-resolution view of the same images, to draw the selected tokens on

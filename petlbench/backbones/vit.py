@@ -10,7 +10,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from petlbench.method import BackboneSpec
+from petlbench.core.method import BackboneSpec
 
 # The embedded default for machines without data or GPU: timm's tiny registered ViT (patch 16, width 64).
 TINY_BACKBONE = "test_vit"

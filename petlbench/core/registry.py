@@ -41,7 +41,8 @@ class Registry(Generic[T]):
         return add(obj) if obj is not None else add
 
     def register_lazy(self, name: str, target: str) -> None:
-        """Register `name` as "package.module:attr", imported on first use."""
+        """Register `name` as "package.module:attr" (or a module that registers `name` itself), imported on first
+        use."""
         if name in self._objects or name in self._lazy:
             raise RegistryError(f"{self.kind} {name!r} is already registered")
         self._lazy[name] = target
@@ -62,10 +63,13 @@ class Registry(Generic[T]):
         if name in self._objects:
             return self._objects[name]
         if name in self._lazy:
-            module_name, _, attr = self._lazy[name].partition(":")
-            module = importlib.import_module(module_name)
-            obj = getattr(module, attr)  # importing may already have registered it via a decorator
-            self._objects.setdefault(name, obj)
+            target = self._lazy[name]
+            module_name, _, attr = target.partition(":")
+            module = importlib.import_module(module_name)  # importing may register it via a decorator
+            if attr:
+                self._objects.setdefault(name, getattr(module, attr))
+            elif name not in self._objects:
+                raise RegistryError(f"{target} was imported for {self.kind} {name!r} but registered no such name")
             self._lazy.pop(name, None)
             return self._objects[name]
         close = difflib.get_close_matches(name, self.names(), n=3)

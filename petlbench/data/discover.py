@@ -36,11 +36,10 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from petlbench.atomic import write_json_atomic, write_text_atomic
-
-from .cards import CardError, DatasetCard, load_card
-from .loading import IMAGE_SUFFIXES, BadImageError, load_image
-from .source import SPLITS, DatasetError, DatasetSource, Sample, sample_id_for
+from petlbench.core.atomic import write_json_atomic, write_text_atomic
+from petlbench.data.cards import CardError, DatasetCard, load_card
+from petlbench.data.loading import IMAGE_SUFFIXES, BadImageError, load_image
+from petlbench.data.source import SPLITS, DatasetError, DatasetSource, Sample, sample_id_for
 
 __all__ = ["DatasetError", "assign_splits", "open_dataset", "survey", "user_cache_dir"]
 
@@ -187,7 +186,7 @@ def locate(spec: str | Path | None, log: Log) -> tuple[Path, DatasetCard | None]
         except CardError:
             card = None
         if card is None:
-            from .cards import list_cards
+            from petlbench.data.cards import list_cards
 
             keys = [c.key for c in list_cards()]
             close = difflib.get_close_matches(text.lower(), keys, n=2, cutoff=0.6)
@@ -260,9 +259,7 @@ def _split_dirs(root: Path) -> dict[str, Path]:
     return found
 
 
-def _scan_split_folders(
-    root: Path, split_dirs: dict[str, Path], notes: list[str]
-) -> tuple[list[str], list[Entry]]:
+def _scan_split_folders(root: Path, split_dirs: dict[str, Path], notes: list[str]) -> tuple[list[str], list[Entry]]:
     names = ", ".join(f"{p.name}/" for p in split_dirs.values())
     for needed in ("train", "test"):
         if needed not in split_dirs:
@@ -282,9 +279,7 @@ def _scan_split_folders(
             continue
         loose = _loose_images(folder)
         if loose:
-            notes.append(
-                f"ignored {len(loose)} image(s) directly in {folder} (images belong in {folder}/<class>/)"
-            )
+            notes.append(f"ignored {len(loose)} image(s) directly in {folder} (images belong in {folder}/<class>/)")
         for class_dir in _subdirs(folder):
             classes.add(class_dir.name)
             entries.extend(Entry(p, class_dir.name, split) for p in _list_images(class_dir, notes))
@@ -359,9 +354,7 @@ def _scan_manifest(csv_path: Path) -> tuple[list[str], list[Entry]]:
         seen[path] = line
         raw.append((path, label, split))
     if problems:
-        shown = "\n  ".join(problems[:25]) + (
-            f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else ""
-        )
+        shown = "\n  ".join(problems[:25]) + (f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else "")
         raise DatasetError(f"manifest {csv_path} has {len(problems)} bad row(s):\n  {shown}")
     if all(re.fullmatch(r"[+-]?\d+", label) for _, label, _ in raw):
         classes = [str(v) for v in sorted({int(label) for _, label, _ in raw})]
@@ -458,11 +451,7 @@ def _load_check_cache(path: Path) -> dict[str, list[Any]]:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    if (
-        not isinstance(data, dict)
-        or data.get("version") != CHECK_VERSION
-        or data.get("stats_size") != STATS_SIZE
-    ):
+    if not isinstance(data, dict) or data.get("version") != CHECK_VERSION or data.get("stats_size") != STATS_SIZE:
         return {}
     files = data.get("files")
     return files if isinstance(files, dict) else {}
@@ -502,17 +491,13 @@ def check_images(paths: Iterable[Path], cache_file: Path | None, log: Log = prin
         workers = max(1, min(4, os.cpu_count() or 1))
         try:
             with ThreadPoolExecutor(max_workers=workers) as pool:  # decoding releases the GIL
-                for (path, key, stat), verdict in zip(
-                    todo, pool.map(_inspect, [t[0] for t in todo]), strict=True
-                ):
+                for (path, key, stat), verdict in zip(todo, pool.map(_inspect, [t[0] for t in todo]), strict=True):
                     results[path] = verdict
                     fresh[key] = [stat.st_size, stat.st_mtime_ns, verdict.reason, verdict.stats]
         finally:  # an interrupted pass still keeps what it decoded
             if cache_file is not None and (todo or len(fresh) != len(cache)):
                 with contextlib.suppress(OSError):
-                    write_json_atomic(
-                        cache_file, {"version": CHECK_VERSION, "stats_size": STATS_SIZE, "files": fresh}
-                    )
+                    write_json_atomic(cache_file, {"version": CHECK_VERSION, "stats_size": STATS_SIZE, "files": fresh})
     return results
 
 
@@ -650,16 +635,10 @@ def assign_splits(
         meta = _read_json(split_file.with_name(SPLIT_META)) if split_file is not None else {}
         if saved is None and split_file is not None and split_file.is_file():
             log(f"warning: cannot read {split_file} (needs columns path,label,split): drawing a new split")
-        if (
-            saved is not None
-            and {r: v[0] for r, v in saved.items()} == items
-            and meta.get("origin") != "official"
-        ):
+        if saved is not None and {r: v[0] for r, v in saved.items()} == items and meta.get("origin") != "official":
             assignment = {r: v[1] for r, v in saved.items()}
             if meta.get("seed") not in (None, seed):
-                log(
-                    f"note: reusing the split in {split_file}, drawn with seed {meta['seed']} (delete it to redraw)"
-                )
+                log(f"note: reusing the split in {split_file}, drawn with seed {meta['seed']} (delete it to redraw)")
         else:
             if saved is not None:
                 added = len(items.keys() - saved.keys())
@@ -775,13 +754,9 @@ def open_dataset(
     card = inv.card
     if card is not None:
         if card.num_classes != len(classes):
-            log(
-                f"warning: card {card.key!r} expects {card.num_classes} classes, found {len(classes)} in {inv.root}"
-            )
+            log(f"warning: card {card.key!r} expects {card.num_classes} classes, found {len(classes)} in {inv.root}")
         elif card.classes and list(card.classes) != classes:
-            log(
-                f"warning: card {card.key!r} names classes {list(card.classes)}, found {classes} in {inv.root}"
-            )
+            log(f"warning: card {card.key!r} names classes {list(card.classes)}, found {classes} in {inv.root}")
     splits, origin = assign_splits(inv, good, seed, split_dir, log)
     if card is not None and card.split == "official" and origin == "generated":
         log(f"warning: card {card.key!r} expects the official split, but {inv.root} has none: drew 70/10/20")

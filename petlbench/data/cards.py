@@ -9,11 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from petlbench.yamlfile import read_yaml
+from petlbench.core.yamlfile import read_yaml
+from petlbench.data.source import DatasetError
 
-from .source import DatasetError
 
-CARDS_DIR = Path(__file__).resolve().parent / "cards"
+def shipped_folder(name: str) -> Path:
+    """A folder of YAML files from the project's `datasets/` (`cards`, `sweeps`), installed or in the checkout."""
+    package = Path(__file__).resolve().parents[1]
+    installed, checkout = package / "datasets" / name, package.parent / "datasets" / name
+    return installed if installed.is_dir() else checkout
+
+
+CARDS_DIR = shipped_folder("cards")
 DATA_ROOT_ENV = "PETLBENCH_DATA_ROOT"
 DEFAULT_DATA_ROOT = "data"  # relative to the working directory when $PETLBENCH_DATA_ROOT is not set
 SPLIT_POLICIES = ("official", "70/10/20")
@@ -81,15 +88,9 @@ def _triple(value: Any, what: str, path: Path) -> tuple[float, float, float]:
     """A per-channel value: one number (all channels) or a list of three."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return (float(value),) * 3
-    if (
-        isinstance(value, (list, tuple))
-        and len(value) == 3
-        and all(isinstance(v, (int, float)) for v in value)
-    ):
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value):
         return tuple(float(v) for v in value)  # type: ignore[return-value]
-    raise CardError(
-        f"dataset card {path}: '{what}' must be a number or a list of 3 numbers (R, G, B), got {value!r}"
-    )
+    raise CardError(f"dataset card {path}: '{what}' must be a number or a list of 3 numbers (R, G, B), got {value!r}")
 
 
 def parse_card(data: Any, path: Path) -> DatasetCard:
@@ -98,9 +99,7 @@ def parse_card(data: Any, path: Path) -> DatasetCard:
         raise CardError(f"dataset card {path}: expected a mapping of fields, got {type(data).__name__}")
     missing = [k for k in REQUIRED if data.get(k) in (None, "")]
     if missing:
-        raise CardError(
-            f"dataset card {path}: missing field(s) {', '.join(missing)} (required: {', '.join(REQUIRED)})"
-        )
+        raise CardError(f"dataset card {path}: missing field(s) {', '.join(missing)} (required: {', '.join(REQUIRED)})")
     unknown = [k for k in data if k not in DatasetCard.__dataclass_fields__ or k == "path"]
     if unknown:
         raise CardError(f"dataset card {path}: unknown field(s) {', '.join(map(str, unknown))}")
@@ -108,22 +107,16 @@ def parse_card(data: Any, path: Path) -> DatasetCard:
         num_classes = int(data["num_classes"])
         lr, weight_decay = float(data["lr"]), float(data["weight_decay"])
     except (TypeError, ValueError) as err:
-        raise CardError(
-            f"dataset card {path}: num_classes, lr and weight_decay must be numbers ({err})"
-        ) from None
+        raise CardError(f"dataset card {path}: num_classes, lr and weight_decay must be numbers ({err})") from None
     if num_classes < 2:
         raise CardError(f"dataset card {path}: num_classes must be at least 2, got {num_classes}")
     if lr <= 0 or weight_decay < 0:
         raise CardError(f"dataset card {path}: lr must be > 0 and weight_decay >= 0")
     if data["split"] not in SPLIT_POLICIES:
-        raise CardError(
-            f"dataset card {path}: split must be one of {', '.join(SPLIT_POLICIES)}, got {data['split']!r}"
-        )
+        raise CardError(f"dataset card {path}: split must be one of {', '.join(SPLIT_POLICIES)}, got {data['split']!r}")
     classes = tuple(str(c) for c in data.get("classes") or ())
     if classes and len(classes) != num_classes:
-        raise CardError(
-            f"dataset card {path}: {len(classes)} classes listed but num_classes is {num_classes}"
-        )
+        raise CardError(f"dataset card {path}: {len(classes)} classes listed but num_classes is {num_classes}")
     std = _triple(data["std"], "std", path)
     if min(std) <= 0:
         raise CardError(f"dataset card {path}: std values must be positive, got {std}")

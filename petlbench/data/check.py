@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .discover import Log, assign_splits, survey
-from .source import SPLITS, DatasetError
+from petlbench.data.discover import Log, assign_splits, survey
+from petlbench.data.source import SPLITS, DatasetError
 
 
 @dataclass
@@ -53,13 +53,9 @@ class CheckReport:
             row = [self.counts.get(s, {}).get(name, 0) for s in SPLITS]
             flags = [" <- empty class"] if name in self.empty_classes else []
             flags += [
-                f" <- not in {s}"
-                for s in SPLITS
-                if name in self.missing.get(s, []) and name not in self.empty_classes
+                f" <- not in {s}" for s in SPLITS if name in self.missing.get(s, []) and name not in self.empty_classes
             ]
-            lines.append(
-                f"{name:<{width}}  " + "  ".join(f"{n:>6}" for n in row) + f"  {sum(row):>6}" + "".join(flags)
-            )
+            lines.append(f"{name:<{width}}  " + "  ".join(f"{n:>6}" for n in row) + f"  {sum(row):>6}" + "".join(flags))
         totals = [sum(self.counts.get(s, {}).values()) for s in SPLITS]
         lines += [
             "-" * len(header),
@@ -119,8 +115,6 @@ def check_dataset(
             c for c in inv.classes if c not in report.empty_classes and report.counts[split][c] == 0
         ]
     if inv.card is not None and inv.card.num_classes != len(inv.classes):
-        warnings.append(
-            f"card {inv.card.key!r} expects {inv.card.num_classes} classes, found {len(inv.classes)}"
-        )
+        warnings.append(f"card {inv.card.key!r} expects {inv.card.num_classes} classes, found {len(inv.classes)}")
     report.warnings = warnings
     return report

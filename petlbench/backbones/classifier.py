@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from petlbench.method import Batch, PetlModel
+from petlbench.core.method import Batch, PetlModel
 
 HEAD_PATTERN = r"head\..+"
 

@@ -9,9 +9,9 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from petlbench.datasets.loading import load_image
-from petlbench.datasets.source import Sample
-from petlbench.method import View
+from petlbench.core.method import View
+from petlbench.data.loading import load_image
+from petlbench.data.source import Sample
 
 
 def view_transform(view: View, train: bool, mean: Sequence[float], std: Sequence[float]) -> T.Compose:

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from petlbench.backbone import TINY_BACKBONE, check_resolution
-from petlbench.config import (
+from petlbench.backbones.vit import TINY_BACKBONE, check_resolution
+from petlbench.core.config import (
     PAPER_BATCH_SIZE,
     PAPER_EPOCHS,
     PAPER_LR,
@@ -20,12 +20,12 @@ from petlbench.config import (
     RunConfig,
     file_digest,
 )
-from petlbench.datasets.source import DatasetSource
-from petlbench.method import BackboneSpec, Method, get_method, method_keys
-from petlbench.metrics import mean_std
-from petlbench.options import OptionError, parse_opt_flags
-from petlbench.results import FINISHED, ResultStore
-from petlbench.training import ProgressHooks, run_training
+from petlbench.core.method import BackboneSpec, Method, get_method, method_keys
+from petlbench.core.options import OptionError, parse_opt_flags
+from petlbench.core.results import FINISHED, ResultStore
+from petlbench.data.source import DatasetSource
+from petlbench.engine.metrics import mean_std
+from petlbench.engine.training import ProgressHooks, run_training
 
 # The embedded default: what `petlbench run` trains on a machine with no data and no GPU.
 EMBEDDED_EPOCHS = 3
@@ -114,7 +114,7 @@ def dataset_slug(spec: str | None) -> str:
 
 def resolve(request: RunRequest, log: Callable[[str], None] = print) -> ResolvedRun:
     """Apply defaults (embedded dataset, tiny ViT without a GPU), validate, and expand into run configs."""
-    from petlbench.datasets.discover import open_dataset
+    from petlbench.data.discover import open_dataset
 
     keys = parse_methods(request.methods)
     methods = build_methods(keys, request.opts)
@@ -153,7 +153,7 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
     batch_size = request.batch_size or (EMBEDDED_BATCH_SIZE if embedded and not has_gpu else PAPER_BATCH_SIZE)
     lr = request.lr if request.lr is not None else (card_lr or PAPER_LR)
     weight_decay = request.weight_decay if request.weight_decay is not None else PAPER_WEIGHT_DECAY
-    from petlbench.environment import resolve_device
+    from petlbench.core.environment import resolve_device
 
     device = resolve_device(request.device)
     if request.amp != "none" and device.type != "cuda":
@@ -190,7 +190,7 @@ def _card_lr(dataset: str | None) -> float | None:
     if dataset is None or Path(dataset).exists():
         return None  # a folder or manifest: no card learning rate, whatever its name
     try:
-        from petlbench.datasets.cards import load_card
+        from petlbench.data.cards import load_card
 
         card = load_card(dataset)
     except Exception:  # noqa: BLE001 - not a card name: a path

@@ -20,7 +20,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from petlbench.lpm import KEYS, TOKENS, VALUES, explicit_block_forward
+from petlbench.fpt.lpm import KEYS, TOKENS, VALUES, explicit_block_forward
 
 PROMPT_INIT_STD = 1e-6
 
@@ -91,9 +91,7 @@ def side_forward(side: VisionTransformer, images: torch.Tensor, extras: torch.Te
 
 
 @torch.no_grad()
-def side_attention_to_extras(
-    side: VisionTransformer, images: torch.Tensor, extras: torch.Tensor
-) -> list[torch.Tensor]:
+def side_attention_to_extras(side: VisionTransformer, images: torch.Tensor, extras: torch.Tensor) -> list[torch.Tensor]:
     """Per side block, the attention the class+patch tokens pay to the appended tokens `[B, H, N, T]`."""
     x = _embed(side, images)
     maps = []
@@ -107,9 +105,7 @@ def side_attention_to_extras(
     return maps
 
 
-def cross_attend(
-    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt cross-attention per layer and head: queries `[L, B|1, H, P, d]`, K/V `[B, L, H, n, d]`.
 
     Returns the merged context `[L, B, P, H*d]` and the softmax map `[L, B, H, P, n]`.
@@ -136,8 +132,9 @@ class FinePromptFusion(nn.Module):
     both shared by all layers. Per layer: c = CA(LN(p), K, V); f = Dropout(out_proj(c + p)).
     """
 
-    def __init__(self, layers: int, num_prompts: int, lpm_width: int, side_width: int, heads: int,
-                 dropout: float = 0.5) -> None:
+    def __init__(
+        self, layers: int, num_prompts: int, lpm_width: int, side_width: int, heads: int, dropout: float = 0.5
+    ) -> None:
         super().__init__()
         self.heads = heads
         self.prompts = nn.Parameter(torch.randn(layers, num_prompts, lpm_width) * PROMPT_INIT_STD)
@@ -166,8 +163,9 @@ class SidePromptFusion(nn.Module):
     Linear(D→D_s), shared by all layers. Per layer: f = Dropout(out_proj(CA(in_proj(p), K, V)) + p).
     """
 
-    def __init__(self, layers: int, num_prompts: int, lpm_width: int, side_width: int, heads: int,
-                 dropout: float = 0.5) -> None:
+    def __init__(
+        self, layers: int, num_prompts: int, lpm_width: int, side_width: int, heads: int, dropout: float = 0.5
+    ) -> None:
         super().__init__()
         self.heads = heads
         self.prompts = nn.Parameter(torch.randn(layers, num_prompts, side_width) * PROMPT_INIT_STD)

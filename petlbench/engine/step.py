@@ -23,6 +23,15 @@ DEFAULT_WEIGHT_DECAY = 0.1
 DEFAULT_GRAD_CLIP = 1.0
 
 
+def flush_denormals() -> bool:
+    """Flush denormal floats to zero on this CPU thread; returns whether the CPU supports it."""
+    # Floats below 1.2e-38 (float32's smallest normal) take a microcode slow path on x86. FPT+'s prompts start at
+    # N(0, 1e-6) and their AdamW moments sink into that range: one preloaded FPT+ step (ViT-B/16, 512 px, batch 2)
+    # took 2.74 s instead of 0.028 s on CPU. Reading such values as 0 changes no result measurably. Training,
+    # preloading, estimation and timing all pass through here (the setting is per thread, so it is set per call).
+    return bool(torch.set_flush_denormal(True))
+
+
 def make_optimizer(
     params: Iterable[nn.Parameter],
     foreach: bool | None = None,
@@ -55,6 +64,7 @@ def train_step(
 ) -> torch.Tensor:
     """One optimisation step on `batch` (a dict of views + "label"); returns the detached loss."""
     loss_fn = loss_fn or nn.functional.cross_entropy
+    flush_denormals()
     with autocast():
         logits = model(batch)
         loss = loss_fn(logits.float(), batch["label"])

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from petlbench.atomic import file_lock, write_json_atomic, write_text_atomic
+from petlbench.core.atomic import file_lock, write_json_atomic, write_text_atomic
 
 SCHEMA_VERSION = 1
 FINISHED, RUNNING, FAILED, OOM = "finished", "running", "failed", "oom"

@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from petlbench.options import NoOptions, build_options
-from petlbench.registry import Registry
+from petlbench.core.options import NoOptions, build_options
+from petlbench.core.registry import Registry
 
 Batch = dict[str, Any]
 
@@ -136,6 +136,8 @@ class Method:
     key: ClassVar[str] = ""
     display_name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
+    # Position in listings and tables (the built-ins follow the papers' Table I); plugins come after them.
+    rank: ClassVar[int] = 1000
 
     def __init__(self, options: Any | None = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -176,12 +178,18 @@ def get_method(key: str) -> type[Method]:
 
 
 def method_keys() -> list[str]:
-    """All known method keys: built-ins in their table's order (however they were imported), then plugins."""
+    """All known method keys (built-ins and plugins), ordered by each class's `rank`, then key."""
     load_plugins()
-    from petlbench.methods import BUILTIN_METHODS
+    return sorted(METHODS.names(), key=lambda key: (METHODS.get(key).rank, key))
 
-    builtin = [key for key in BUILTIN_METHODS if key in METHODS]
-    return builtin + [key for key in METHODS.names() if key not in BUILTIN_METHODS]
+
+def builtin_method_modules() -> list[str]:
+    """The module names of `petlbench.methods` (each is a method key), without importing them."""
+    import pkgutil
+
+    import petlbench.methods
+
+    return sorted(m.name for m in pkgutil.iter_modules(petlbench.methods.__path__) if not m.name.startswith("_"))
 
 
 _plugins_loaded = False
@@ -195,18 +203,24 @@ def load_plugins() -> None:
     _plugins_loaded = True
     import importlib.util
     import os
+    import sys
     from importlib.metadata import entry_points
 
-    from petlbench.methods import BUILTIN_METHODS
-
-    for key, target in BUILTIN_METHODS.items():
+    for key in builtin_method_modules():
         if key not in METHODS:
-            METHODS.register_lazy(key, target)
+            METHODS.register_lazy(key, f"petlbench.methods.{key}")
     for entry in entry_points(group="petlbench.methods"):
         entry.load()  # the module registers itself with @register_method
     for path in filter(None, os.environ.get("PETLBENCH_PLUGINS", "").split(os.pathsep)):
-        spec = importlib.util.spec_from_file_location(f"petlbench_plugin_{Path(path).stem}", path)
-        if spec is None or spec.loader is None:
+        name = f"petlbench_plugin_{Path(path).stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None or not Path(path).is_file():
             raise FileNotFoundError(f"PETLBENCH_PLUGINS names {path!r}, which is not a Python file")
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        # dataclasses (and pickling) look the module up by name while it executes: it must be in sys.modules
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise

@@ -39,11 +39,11 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import DataLoader
 
-from petlbench.backbone import create_backbone
-from petlbench.lpm import INDICES, FrozenLPM
-from petlbench.method import BackboneSpec, Batch, BuildContext, Method, PetlModel, View
-from petlbench.options import OptionError, option
-from petlbench.preload import (
+from petlbench.backbones.vit import create_backbone
+from petlbench.core.method import BackboneSpec, Batch, BuildContext, Method, PetlModel, View
+from petlbench.core.options import OptionError, option
+from petlbench.engine.step import flush_denormals
+from petlbench.fpt.cache import (
     BATCH_PREFIX,
     CacheSpec,
     FeatureStore,
@@ -53,7 +53,8 @@ from petlbench.preload import (
     module_digest,
     samples_fingerprint,
 )
-from petlbench.side_network import (
+from petlbench.fpt.lpm import INDICES, FrozenLPM
+from petlbench.fpt.side_network import (
     FinePromptFusion,
     MLPFusion,
     SidePromptFusion,
@@ -172,7 +173,7 @@ class SideTuningModel(PetlModel):
 
     def lpm_features(self, batch: Batch, keep_indices: bool = False) -> dict[str, torch.Tensor]:
         """LPM features for a batch: the preloaded `lpm_*` tensors (as float32) or an online LPM pass."""
-        cached = {k[len(BATCH_PREFIX):]: v for k, v in batch.items() if k.startswith(BATCH_PREFIX)}
+        cached = {k[len(BATCH_PREFIX) :]: v for k, v in batch.items() if k.startswith(BATCH_PREFIX)}
         if cached:
             features = {k: (v.long() if k == INDICES else v.float()) for k, v in cached.items()}
         elif self.preloaded:
@@ -203,8 +204,13 @@ class SideTuningModel(PetlModel):
         if reason is not None:
             if self.lpm is not None:
                 ctx.log(f"{self.method.display_name}: not preloading ({reason}); the LPM runs online every step")
-            self.preload_info = {"preloaded": False, "reason": reason, "preload_seconds": None,
-                                 "cache_bytes": None, "cache_reused": None}
+            self.preload_info = {
+                "preloaded": False,
+                "reason": reason,
+                "preload_seconds": None,
+                "cache_bytes": None,
+                "cache_reused": None,
+            }
             return dict(splits)
         assert self.lpm is not None
         datasets = dict(splits)
@@ -213,7 +219,14 @@ class SideTuningModel(PetlModel):
         if any(tuple(ds.mean) != tuple(first.mean) or tuple(ds.std) != tuple(first.std) for ds in datasets.values()):
             raise ValueError("splits are normalised differently; one feature cache cannot serve them")
         store, info = self.method.ensure_features(
-            self.lpm, samples, first.mean, first.std, self.res, ctx.backbone, Path(ctx.cache_dir), ctx.log,
+            self.lpm,
+            samples,
+            first.mean,
+            first.std,
+            self.res,
+            ctx.backbone,
+            Path(ctx.cache_dir),
+            ctx.log,
             ctx.device,
         )
         self.preloaded = True
@@ -233,7 +246,8 @@ class SideTuningModel(PetlModel):
             tokens = self.lpm.num_tokens(self.res)
             for name, (shape, kind) in self.lpm.feature_shapes(self.res).items():
                 batch[BATCH_PREFIX + name] = (
-                    torch.randint(0, tokens, (batch_size, *shape), device=device) if kind == "index"
+                    torch.randint(0, tokens, (batch_size, *shape), device=device)
+                    if kind == "index"
                     else torch.randn(batch_size, *shape, device=device, dtype=dtype)
                 )
         elif self.lpm is not None and self.lpm_view != self.side_view:
@@ -360,21 +374,30 @@ class SideTuningMethod(Method):
         """One line saying what was built."""
         o = self.options
         side = model.side
-        text = (f"{self.display_name}: side ViT {side.embed_dim}-wide x {len(side.blocks)} blocks at {side_res} px, "
-                f"{side.blocks[0].attn.num_heads} heads")
+        text = (
+            f"{self.display_name}: side ViT {side.embed_dim}-wide x {len(side.blocks)} blocks at {side_res} px, "
+            f"{side.blocks[0].attn.num_heads} heads"
+        )
         if model.lpm is None:
             return text + "; no LPM (side network alone)"
         lpm = model.lpm
         tokens = f"{lpm.num_selected(res)}/{lpm.num_tokens(res)} tokens per head"
         fusion = "MLP fusion" if o.fusion == "mlp" else f"{o.num_prompts} prompts per layer"
-        return (f"{text}; LPM at {res} px, blocks {list(lpm.layers)}, {fusion}, {tokens}"
-                f"{'' if o.asymmetric else ', shared input'}")
+        return (
+            f"{text}; LPM at {res} px, blocks {list(lpm.layers)}, {fusion}, {tokens}"
+            f"{'' if o.asymmetric else ', shared input'}"
+        )
 
     def cache_spec(
-        self, lpm: FrozenLPM, backbone: BackboneSpec, res: int, samples: Sequence[Any],
-        mean: Sequence[float], std: Sequence[float],
+        self,
+        lpm: FrozenLPM,
+        backbone: BackboneSpec,
+        res: int,
+        samples: Sequence[Any],
+        mean: Sequence[float],
+        std: Sequence[float],
     ) -> CacheSpec:
-        """What identifies this configuration's feature cache (see `petlbench.preload`)."""
+        """What identifies this configuration's feature cache (see `petlbench.fpt.cache`)."""
         o = self.options
         config = {
             "backbone": backbone.name,
@@ -400,11 +423,19 @@ class SideTuningMethod(Method):
         )
 
     def ensure_features(
-        self, lpm: FrozenLPM, samples: Sequence[Any], mean: Sequence[float], std: Sequence[float], res: int,
-        backbone: BackboneSpec, cache_dir: Path, log: Log, device: torch.device,
+        self,
+        lpm: FrozenLPM,
+        samples: Sequence[Any],
+        mean: Sequence[float],
+        std: Sequence[float],
+        res: int,
+        backbone: BackboneSpec,
+        cache_dir: Path,
+        log: Log,
+        device: torch.device,
     ) -> tuple[FeatureStore, dict[str, Any]]:
         """Open or build the feature cache of `samples` (deterministic LPM view, no augmentation)."""
-        from petlbench.datasets.views import ViewDataset
+        from petlbench.data.views import ViewDataset
 
         unique = _unique_samples(samples)
         spec = self.cache_spec(lpm, backbone, res, unique, mean, std)
@@ -412,12 +443,12 @@ class SideTuningMethod(Method):
 
         def produce():  # runs the LPM only when the cache must be (re)built
             dataset = ViewDataset(unique, {LPM_VIEW: View(res, augment=False)}, train=False, mean=mean, std=std)
-            loader = DataLoader(dataset, batch_size=o.preload_batch_size, shuffle=False,
-                                num_workers=o.preload_workers)
+            loader = DataLoader(dataset, batch_size=o.preload_batch_size, shuffle=False, num_workers=o.preload_workers)
             home = next(lpm.parameters()).device
             lpm.to(device)
             try:
                 for batch in loader:
+                    flush_denormals()  # (a generator resumes on whatever thread iterates it)
                     features = lpm(batch[LPM_VIEW].to(device))
                     ids = [unique[i].sample_id for i in batch["index"].tolist()]
                     yield ids, {name: t.cpu().numpy() for name, t in features.items()}
@@ -429,14 +460,22 @@ class SideTuningMethod(Method):
         return ensure_cache(cache_dir, spec, produce, log, o.cache_verify)
 
     def preload_samples(
-        self, samples: Sequence[Any], mean: Sequence[float], std: Sequence[float], res: int,
-        backbone: BackboneSpec, cache_dir: Path, log: Log, device: torch.device,
+        self,
+        samples: Sequence[Any],
+        mean: Sequence[float],
+        std: Sequence[float],
+        res: int,
+        backbone: BackboneSpec,
+        cache_dir: Path,
+        log: Log,
+        device: torch.device,
     ) -> dict[str, Any]:
         """Build (or confirm) the feature cache for `samples` outside a training run; returns preload info."""
         o = self.options
         if not o.use_lpm or not o.asymmetric:
-            raise OptionError(f"{self.display_name} with use_lpm={o.use_lpm}, asymmetric={o.asymmetric} "
-                             "has no cacheable LPM features")
+            raise OptionError(
+                f"{self.display_name} with use_lpm={o.use_lpm}, asymmetric={o.asymmetric} has no cacheable LPM features"
+            )
         lpm = self.build_lpm(backbone, res)
         _, info = self.ensure_features(lpm, samples, mean, std, res, backbone, cache_dir, log, device)
         return info

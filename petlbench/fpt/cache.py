@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from petlbench.atomic import file_lock, write_json_atomic
+from petlbench.core.atomic import file_lock, write_json_atomic
 
 if TYPE_CHECKING:
-    from petlbench.datasets.source import DatasetSource, Sample
-    from petlbench.method import BackboneSpec, Method
+    from petlbench.core.method import BackboneSpec, Method
+    from petlbench.data.source import DatasetSource, Sample
 
 CACHE_FORMAT = 1
 CACHE_SUBDIR = "fpt_features"
@@ -185,7 +185,8 @@ def open_cache(path: Path, spec: CacheSpec, verify: Verify = "size") -> FeatureS
         raise CacheError(f"cache format {manifest.get('format')} != {CACHE_FORMAT}")
     if manifest.get("config") != spec.config or manifest.get("key") != spec.key:
         diff = sorted(
-            k for k in set(spec.config) | set(manifest.get("config") or {})
+            k
+            for k in set(spec.config) | set(manifest.get("config") or {})
             if (manifest.get("config") or {}).get(k) != spec.config.get(k)
         )
         raise CacheError(f"built for another configuration (differs in: {', '.join(diff) or 'layout'})")
@@ -370,15 +371,21 @@ def preload(
     Returns the preload info (cache path, bytes, whether it was reused, seconds). A later training run
     with the same method options, backbone, resolution and data reuses the cache.
     """
-    from petlbench.fpt_common import SideTuningMethod
-    from petlbench.method import get_method
-    from petlbench.options import OptionError
+    from petlbench.core.method import get_method
+    from petlbench.core.options import OptionError
+    from petlbench.fpt.common import SideTuningMethod
 
     if isinstance(method, str):
         method = get_method(method).from_overrides()
     if not isinstance(method, SideTuningMethod):
         raise OptionError(f"preloading applies to FPT and FPT+ only, not {type(method).__name__}")
     return method.preload_samples(
-        source.samples, source.mean, source.std, res, backbone, Path(cache_dir), log,
+        source.samples,
+        source.mean,
+        source.std,
+        res,
+        backbone,
+        Path(cache_dir),
+        log,
         torch.device(device) if device is not None else torch.device("cpu"),
     )

@@ -1,1 +1,0 @@
-"""Datasets: sources (folder layout, CSV manifest), splits, image loading, views, synthetic data, cards."""

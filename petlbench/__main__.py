@@ -1,0 +1,5 @@
+"""`python -m petlbench`."""
+
+from petlbench.cli.root import main
+
+main()

@@ -1,0 +1,5 @@
+"""`python -m petlbench.cli`."""
+
+from petlbench.cli.root import main
+
+main()
