@@ -11,8 +11,10 @@ RUN_STAMP := $(VENV)/.petlbench-run
 DEV_STAMP := $(VENV)/.petlbench-dev
 LOCK_VENV := .lock-venv
 PIP_TOOLS := pip-tools==7.6.2
+# The newest torch and torchvision that these machines carry on disk (pip caps them there); raise both together.
+TORCH_PINS := --upgrade-package torch==2.14.1 --upgrade-package torchvision==0.29.1
 COMPILE := $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
-	--no-emit-find-links
+	--no-emit-find-links $(TORCH_PINS)
 
 .PHONY: setup setup-dev demo test test-fast check bench lock clean
 

@@ -43,10 +43,20 @@ class AdapterOptions:
             object.__setattr__(self, "bottleneck", DEFAULT_BOTTLENECK[self.style])
         if self.scale is None:
             object.__setattr__(self, "scale", DEFAULT_SCALE[self.style])
-        if self.bottleneck < 1:
+        if self.width < 1:
             raise ValueError(f"bottleneck must be >= 1, got {self.bottleneck}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def width(self) -> int:
+        """The adapter width: `bottleneck`, or the style's default when unset."""
+        return DEFAULT_BOTTLENECK[self.style] if self.bottleneck is None else self.bottleneck
+
+    @property
+    def output_scale(self) -> float:
+        """The fixed output scale: `scale`, or the style's default when unset."""
+        return DEFAULT_SCALE[self.style] if self.scale is None else self.scale
 
 
 class BottleneckAdapter(nn.Module):
@@ -98,13 +108,17 @@ def add_adapters(blocks: nn.Sequential, options: AdapterOptions, dim: int) -> No
     for block in blocks:
         if type(block) is not Block:
             raise TypeError(f"adapters need timm's plain Block, got {type(block).__name__}")
-        device, dtype = block.norm1.weight.device, block.norm1.weight.dtype
+        weight = block.get_parameter("norm1.weight")
+        device, dtype = weight.device, weight.dtype
+        names: tuple[str, ...]
+        activation: type[nn.Module]
+        block_class: type[Block]
         if options.style == "parallel":
             names, activation, block_class = ("adapter",), nn.ReLU, ParallelAdapterBlock
         else:
             names, activation, block_class = ("adapter_attn", "adapter_mlp"), nn.GELU, HoulsbyAdapterBlock
         for name in names:
-            adapter = BottleneckAdapter(dim, options.bottleneck, activation, options.dropout, options.scale)
+            adapter = BottleneckAdapter(dim, options.width, activation, options.dropout, options.output_scale)
             block.add_module(name, adapter.to(device=device, dtype=dtype))
         block.__class__ = block_class
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 from petlbench.backbones.classifier import HEAD_PATTERN, BackboneClassifier, freeze_except, name_matcher
 from petlbench.backbones.vit import create_backbone
@@ -11,6 +12,11 @@ from petlbench.core.method import Batch, BuildContext, Method, register_method
 
 class FrozenTrunkClassifier(BackboneClassifier):
     """A ViT whose trunk runs without autograd; only the head builds a graph (same logits, less memory)."""
+
+    net: VisionTransformer
+
+    def __init__(self, net: VisionTransformer) -> None:
+        super().__init__(net)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits [B, C]: frozen features under `torch.no_grad()`, then the trainable head."""

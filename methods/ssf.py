@@ -96,7 +96,7 @@ class ScaleShift(nn.Module):
 
 def _apply_ssf(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
     """Forward hook: the module's output through its `ssf` child (module-level, so deep copies stay correct)."""
-    return module.ssf(output)
+    return module.get_submodule("ssf")(output)
 
 
 def _num_outputs(module: nn.Module) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -21,3 +22,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def run_prepare(model: Any, splits: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """`model.prepare_data` returning the prepared splits; what was done is kept as `model.preload_info` so that
+    tests can read it beside the model."""
+    prepared = model.prepare_data(splits, ctx)
+    model.preload_info = prepared.info
+    return prepared.splits

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import run_prepare
 from PIL import Image
 from torch.utils.data import default_collate
 
@@ -288,7 +289,7 @@ def test_switch_asymmetric_false_shares_the_high_resolution_input(tmp_path: Path
     batch = random_batch(model, views)
     assert side_block_input_lengths(model, batch) == [LPM_TOKENS + 16] * 6
     source = make_source(tmp_path / "data")
-    splits = model.prepare_data(make_splits(source, views), ctx)
+    splits = run_prepare(model, make_splits(source, views), ctx)
     assert not model.preload_info["preloaded"] and "asymmetric=false" in model.preload_info["reason"]
     assert not (tmp_path / "cache").exists()
     assert "lpm_keys" not in splits["train"][0]
@@ -307,7 +308,7 @@ def test_switch_token_selection_false_keeps_all_tokens() -> None:
 def test_switch_preload_false_runs_the_lpm_online(tmp_path: Path) -> None:
     method, model, ctx = build(preload="false", tmp=tmp_path)
     source = make_source(tmp_path / "data")
-    splits = model.prepare_data(make_splits(source, method.views(LPM_RES)), ctx)
+    splits = run_prepare(model, make_splits(source, method.views(LPM_RES)), ctx)
     assert model.preload_info["preloaded"] is False and not (tmp_path / "cache").exists()
     batch = batch_of(splits["train"], 2)
     assert "lpm" in batch and "lpm_keys" not in batch
@@ -372,7 +373,7 @@ def test_online_and_preloaded_eval_logits_agree(key: str, tmp_path: Path) -> Non
     model.eval()
     with torch.no_grad():
         online = model(batch_of(online_splits["test"]))
-    splits = model.prepare_data(online_splits, ctx)
+    splits = run_prepare(model, online_splits, ctx)
     assert model.preloaded
     model.place(torch.device("cpu"))
     model.eval()
@@ -386,7 +387,7 @@ def test_online_and_preloaded_eval_logits_agree(key: str, tmp_path: Path) -> Non
 def test_cached_training_step_never_calls_the_lpm(tmp_path: Path) -> None:
     method, model, ctx = build(tmp=tmp_path)
     source = make_source(tmp_path / "data")
-    splits = model.prepare_data(make_splits(source, method.views(LPM_RES)), ctx)
+    splits = run_prepare(model, make_splits(source, method.views(LPM_RES)), ctx)
     model.place(torch.device("cpu"))
     calls = []
     model.lpm.register_forward_hook(lambda *_: calls.append("lpm"))
@@ -411,10 +412,10 @@ def test_place_keeps_a_preloaded_lpm_off_the_device(tmp_path: Path) -> None:
     model.place(torch.device("meta"))  # online: the LPM goes where training runs
     assert next(model.lpm.parameters()).is_meta and next(model.side.parameters()).is_meta
     method, model, ctx = build(tmp=tmp_path)
-    online = model.example_batch(2)
+    online = model.example_batch(method.views(LPM_RES), 2)
     assert set(online) == {"lpm", "side", "label"} and model(online).shape == (2, CLASSES)
-    model.prepare_data(make_splits(make_source(tmp_path / "data"), method.views(LPM_RES)), ctx)
-    probe = model.example_batch(2)
+    run_prepare(model, make_splits(make_source(tmp_path / "data"), method.views(LPM_RES)), ctx)
+    probe = model.example_batch(method.views(LPM_RES), 2)
     assert probe["lpm_keys"].shape == (2, 6, 2, 7, 32) and "lpm" not in probe
     assert model(probe).shape == (2, CLASSES)
     model.place(torch.device("meta"))
@@ -435,7 +436,7 @@ def test_fusion_attention_maps(tmp_path: Path) -> None:
     assert torch.all((maps["side_attention_mass"] > 0) & (maps["side_attention_mass"] < 1))
     # the same maps come from preloaded features (indices are cached too)
     source = make_source(tmp_path / "data")
-    splits = model.prepare_data(make_splits(source, method.views(LPM_RES)), ctx)
+    splits = run_prepare(model, make_splits(source, method.views(LPM_RES)), ctx)
     cached = fusion_attention_maps(model, batch_of(splits["val"]))
     assert cached["selected_indices"].shape == (1, 6, 2, 7)
     with pytest.raises(ValueError, match="need the LPM"):

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import run_prepare
 from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 
@@ -18,8 +19,8 @@ from petlbench.core.method import BackboneSpec, BuildContext, View, get_method
 from petlbench.core.options import OptionError
 from petlbench.data.source import DatasetSource, Sample, sample_id_for
 from petlbench.data.views import ViewDataset
-from petlbench.fpt.cache import CACHE_SUBDIR, MANIFEST, CacheSpec, build_cache, ensure_cache, preload
-from petlbench.fpt.common import SideTuningModel
+from petlbench.fpt.cache import CACHE_SUBDIR, MANIFEST, CacheSpec, build_cache, ensure_cache
+from petlbench.fpt.common import SideTuningModel, preload
 
 torch.set_num_threads(1)
 
@@ -62,7 +63,7 @@ def prepare(tmp: Path, source: DatasetSource, **kwargs: Any) -> tuple[SideTuning
         name: ViewDataset(source.split(name), views, train=(name == "train"), mean=source.mean, std=source.std)
         for name in ("train", "val", "test")
     }
-    return model, model.prepare_data(splits, ctx), ctx
+    return model, run_prepare(model, splits, ctx), ctx
 
 
 def cache_folders(tmp: Path) -> list[Path]:
@@ -117,7 +118,7 @@ def test_cache_is_reused_without_running_the_lpm(tmp_path: Path) -> None:
     splits = {
         n: ViewDataset(source.split(n), views, n == "train", source.mean, source.std) for n in ("train", "val", "test")
     }
-    model.prepare_data(splits, ctx)
+    run_prepare(model, splits, ctx)
     assert calls == [] and model.preload_info["cache_reused"] is True
     assert model.preload_info["cache_path"] == first.preload_info["cache_path"]
     assert any(m.startswith("reusing preloaded features from") for m in ctx.messages)
@@ -136,7 +137,8 @@ def test_other_resolution_or_ratio_gets_its_own_cache(tmp_path: Path) -> None:
     with torch.no_grad():
         model.lpm.vit.blocks[0].norm1.weight.add_(0.5)  # other LPM weights: the weights digest differs
     views = method.views(RES)
-    model.prepare_data(
+    run_prepare(
+        model,
         {
             n: ViewDataset(source.split(n), views, n == "train", source.mean, source.std)
             for n in ("train", "val", "test")

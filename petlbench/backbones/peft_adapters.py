@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.adalora import AdaLoraModel
 from timm.models.vision_transformer import VisionTransformer
 
@@ -21,7 +21,7 @@ from petlbench.backbones.split_qkv import split_qkv
 QV_TARGET_REGEX = r"blocks\.\d+\.attn\.(q|v)"
 
 
-def wrap_qv(net: VisionTransformer, config: PeftConfig) -> PeftModel:
+def wrap_qv(net: VisionTransformer, config: LoraConfig) -> PeftModel:
     """Split the fused qkv of `net`, apply the peft `config` to q and v of every block, re-enable the head."""
     if config.target_modules != QV_TARGET_REGEX:
         raise ValueError(f"target_modules must be {QV_TARGET_REGEX!r}, got {config.target_modules!r}")
@@ -30,7 +30,7 @@ def wrap_qv(net: VisionTransformer, config: PeftConfig) -> PeftModel:
     adapted = [name for name, _ in model.named_modules() if name.endswith(".lora_dropout")]
     if len(adapted) != 2 * len(net.blocks) or any(not re.search(r"\.attn\.[qv]\.", name) for name in adapted):
         raise RuntimeError(f"expected adapters on attn.q and attn.v of every block, found {adapted}")
-    model.get_base_model().get_classifier().requires_grad_(True)
+    net.get_classifier().requires_grad_(True)  # peft adapts `net` in place: it is the wrapped base model
     return model
 
 

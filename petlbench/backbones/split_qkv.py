@@ -129,7 +129,8 @@ def _fuse(split: SplitQKVAttention) -> Attention:
         if split.q.bias is not None:
             fused.qkv.bias.copy_(torch.cat([split.q.bias, split.k.bias, split.v.bias]))
     fused.qkv.requires_grad_(weight.requires_grad)
-    fused.fused_attn = split.fused_attn
+    # timm declares fused_attn Final (a TorchScript constant), yet it is a per-instance switch meant to be set.
+    fused.fused_attn = split.fused_attn  # type: ignore[misc]
     for name in ("q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop"):
         setattr(fused, name, getattr(split, name))
     return fused

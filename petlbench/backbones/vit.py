@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -24,7 +25,8 @@ def patch_size_of(name: str) -> int:
     """Patch size of a timm ViT, read from a meta-device instance (no weights allocated)."""
     with torch.device("meta"):
         model = _create(name, pretrained=False, num_classes=0)
-    return int(model.patch_embed.patch_size[0])
+    patch_embed: Any = model.patch_embed  # PatchEmbed or a look-alike: the class varies with the model
+    return int(patch_embed.patch_size[0])
 
 
 def check_resolution(name: str, res: int) -> None:
@@ -37,7 +39,7 @@ def check_resolution(name: str, res: int) -> None:
         )
 
 
-def _create(name: str, pretrained: bool, **kwargs: object) -> nn.Module:
+def _create(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     if not timm.is_model(name.split(".")[0]):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise BackboneError(f"unknown timm model {name!r}; similar: {', '.join(close) or 'none'}")
@@ -47,7 +49,7 @@ def _create(name: str, pretrained: bool, **kwargs: object) -> nn.Module:
 def create_backbone(spec: BackboneSpec, img_size: int, num_classes: int) -> VisionTransformer:
     """A timm ViT at `img_size` (position table resampled), all dropout off, a fresh head if num_classes > 0."""
     check_resolution(spec.name, img_size)
-    kwargs: dict[str, object] = dict(
+    kwargs: dict[str, Any] = dict(
         img_size=img_size, num_classes=num_classes, drop_rate=0.0, drop_path_rate=0.0, attn_drop_rate=0.0
     )
     if spec.weights:

@@ -36,7 +36,7 @@ def fail(message: str) -> None:
 
 def check_attention(attention: str) -> None:
     """Exit with a clear error unless `attention` names a known attention kernel."""
-    from petlbench.core.method import ATTENTION_CHOICES
+    from petlbench.backbones.attention import ATTENTION_CHOICES
 
     if attention not in ATTENTION_CHOICES:
         fail(f"--attention {attention!r}: use {', '.join(ATTENTION_CHOICES)}")

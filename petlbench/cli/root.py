@@ -7,7 +7,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypedDict
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -156,13 +156,21 @@ def _refresh_report(results: Path, out: Path) -> None:
     console.print(f"report written: [bold]{index}[/bold]")
 
 
+class MethodEntry(TypedDict):
+    """One method as `petlbench methods` lists it."""
+
+    method: str
+    name: str
+    options: list[dict[str, Any]]
+
+
 @app.command("methods")
 def list_methods(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """List the methods with their display names and options (defaults and help)."""
     from petlbench.core.method import get_method, method_keys
     from petlbench.core.options import describe
 
-    entries = []
+    entries: list[MethodEntry] = []
     for key in method_keys():
         cls = get_method(key)
         entries.append({"method": key, "name": cls.display_name, "options": describe(cls.Options)})
@@ -272,7 +280,7 @@ def preload(
 ) -> None:
     """Run the frozen large model once over every image and cache what FPT/FPT+ fusion modules need."""
     from petlbench.engine.runner import RunRequest, resolve
-    from petlbench.fpt.cache import preload as run_preload
+    from petlbench.fpt.common import preload as run_preload
 
     try:
         resolved = resolve(

@@ -140,8 +140,8 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Search lr x weight decay on validation AUC per cell with one seed, then run all seeds at the best point."""
-        from petlbench.cli.common import fail, user_errors
-        from petlbench.sweep.spec import SweepSpecError, load_spec
+        from petlbench.cli.common import fail
+        from petlbench.sweep.spec import load_spec
 
         if executor not in EXECUTORS:
             fail(f"--executor {executor!r}: use local or ray")
@@ -170,7 +170,7 @@ def register(app: typer.Typer) -> None:
                 max_retries=max_retries,
             )
             spec_obj = load_spec(spec, overrides)
-        except (SweepSpecError, *user_errors()) as err:
+        except _spec_errors() as err:
             fail(escape(str(err)))
         results_dir = Path(results or spec_obj.results or "results")
         if spec_obj.data_root:
@@ -182,6 +182,14 @@ def register(app: typer.Typer) -> None:
             _status(spec_obj, results_dir)
             return
         _run(spec_obj, results_dir, executor, ray_address, gpus_per_run, cpus_per_run, force)
+
+
+def _spec_errors() -> tuple[type[BaseException], ...]:
+    """A bad sweep spec plus the CLI's user errors (see `user_errors`)."""
+    from petlbench.cli.common import user_errors
+    from petlbench.sweep.spec import SweepSpecError
+
+    return (SweepSpecError, *user_errors())
 
 
 def _planning_device(spec: Any, results: Path) -> str:
@@ -202,13 +210,12 @@ def _planning_device(spec: Any, results: Path) -> str:
 
 def _plan(spec: Any, results: Path, device: str, read_only: bool) -> Any:
     """Build the plan, turning spec and data errors into a clean exit."""
-    from petlbench.cli.common import fail, user_errors
+    from petlbench.cli.common import fail
     from petlbench.sweep.plan import build_plan
-    from petlbench.sweep.spec import SweepSpecError
 
     try:
         return build_plan(spec, results, device=device, read_only=read_only, log=lambda message: None)
-    except (SweepSpecError, *user_errors()) as err:
+    except _spec_errors() as err:
         fail(escape(str(err)))
     except ValueError as err:
         fail(escape(str(err)))

@@ -14,8 +14,10 @@ import torch
 LIBRARIES = ("petlbench", "torch", "torchvision", "timm", "peft", "fvcore", "scikit-learn", "pandas", "numpy")
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
     """`auto` -> cuda if available else cpu; `cuda` without a GPU is an error with the fix."""
+    if isinstance(device, torch.device):
+        device = str(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -6,7 +6,10 @@ A method is one module in `methods/` that defines a `Method` subclass and regist
 * `Method.views(res)` names the input views a sample must provide (one augmented image for the
   baselines; a fixed high-resolution view plus an augmented low-resolution view for FPT/FPT+);
 * `Method.build(ctx)` returns a `PetlModel`, an `nn.Module` whose `forward(batch)` maps a batch dict
-  to logits and whose hooks cover the rest (extra loss, after-step work, preloading, placement).
+  to logits and whose hooks cover the rest (extra loss, after-step work, preloading, placement), and which
+  describes itself to the profilers (`example_batch`, `one_off_work`, `assume_prepared`).
+
+The engine applies the run's attention kernel to every model it builds (`build_model`); methods do not read it.
 """
 
 from __future__ import annotations
@@ -24,9 +27,6 @@ from petlbench.core.options import NoOptions, build_options
 from petlbench.core.registry import Registry
 
 Batch = dict[str, Any]
-
-# Attention kernels a run can use: timm's fused SDPA, explicit softmax attention, or whatever the model defaults to.
-ATTENTION_CHOICES = ("auto", "fused", "explicit")
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,33 @@ class BuildContext:
     total_steps: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache_dir: Path = Path("results/cache")
-    attention: str = "auto"
+    attention: str = "auto"  # applied by `build_model` after `build`, never by the method
     log: Callable[[str], None] = print
+
+
+@dataclass
+class Prepared:
+    """What `prepare_data` produced: the split datasets training reads, and what was done (stored with the run).
+
+    `info` is free-form, except two keys the reports read: `preloaded` (whether work was cached ahead of training)
+    and `preload_seconds` (the time that work took; None when a cache was reused or nothing was done).
+    """
+
+    splits: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OneOffWork:
+    """Frozen work a model does once per image before training (FPT's preloading pass), profiled on its own.
+
+    `module(batch[view])` is that work for a batch of `size` x `size` images; its FLOPs are reported per image
+    apart from the training step's.
+    """
+
+    module: nn.Module
+    view: str
+    size: int
 
 
 class PetlModel(nn.Module):
@@ -89,9 +114,25 @@ class PetlModel(nn.Module):
     def after_optimizer_step(self, global_step: int) -> None:
         """Called after `optimizer.step()` and before `zero_grad()` (AdaLoRA rank allocation)."""
 
-    def prepare_data(self, splits: Mapping[str, Any], ctx: BuildContext) -> dict[str, Any]:
+    def prepare_data(self, splits: Mapping[str, Any], ctx: BuildContext) -> Prepared:
         """Transform the split datasets before training (FPT/FPT+ preloading); identity by default."""
-        return dict(splits)
+        return Prepared(dict(splits))
+
+    def assume_prepared(self) -> None:
+        """Switch to the state `prepare_data` would leave, without data (profilers); nothing by default."""
+
+    def one_off_work(self) -> OneOffWork | None:
+        """The per-image work done once before training, in the current state; None by default."""
+        return None
+
+    def example_batch(self, views: Mapping[str, View], batch_size: int, device: torch.device | str) -> Batch:
+        """Random inputs shaped like one training batch in the current state: one image per view, plus labels.
+
+        Tensors whose keys are not views are prepared inputs (preloaded features) in the profilers' breakdown.
+        """
+        batch: Batch = {k: torch.randn(batch_size, 3, v.size, v.size, device=device) for k, v in views.items()}
+        batch["label"] = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return batch
 
     def introspect(self, batch: Batch) -> dict[str, Any] | None:
         """Attention maps for the reports' figures 6 and 9 (FPT/FPT+); None for methods without prompts."""
@@ -158,6 +199,15 @@ class Method:
     def resolved_options(self) -> dict[str, Any]:
         """Options as a plain dict (stored in results and hashed into the run id)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self.options).items()}
+
+
+def build_model(method: Method, ctx: BuildContext) -> PetlModel:
+    """`method.build(ctx)` with the run's attention kernel applied to every attention module (the one place it is)."""
+    from petlbench.backbones.attention import set_attention
+
+    model = method.build(ctx)
+    set_attention(model, ctx.attention)
+    return model
 
 
 METHODS: Registry[type[Method]] = Registry("method")

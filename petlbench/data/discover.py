@@ -182,10 +182,10 @@ def locate(spec: str | Path | None, log: Log) -> tuple[Path, DatasetCard | None]
         return path, None
     else:
         try:
-            card = load_card(text)
+            found: DatasetCard | None = load_card(text)
         except CardError:
-            card = None
-        if card is None:
+            found = None
+        if found is None:
             from petlbench.data.cards import list_cards
 
             keys = [c.key for c in list_cards()]
@@ -196,6 +196,7 @@ def locate(spec: str | Path | None, log: Log) -> tuple[Path, DatasetCard | None]
                 f"that name (cards: {', '.join(keys)}).{hint} Pass an image folder, a CSV manifest or a card "
                 f"name; layouts: {_layouts_text()}."
             )
+        card = found
     root = card.data_root()
     if not root.exists():
         raise DatasetError(missing_data_message(card, root))
@@ -212,7 +213,8 @@ def _is_hidden(path: Path) -> bool:
 
 def _list_images(folder: Path, notes: list[str]) -> list[Path]:
     """Image files under `folder` (recursively, sorted); other non-hidden files are reported in `notes`."""
-    images, others = [], []
+    images: list[Path] = []
+    others: list[Path] = []
     visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -379,6 +381,7 @@ def inventory(spec: str | Path | None, log: Log = print) -> Inventory:
     """Find the dataset `spec` names and list its classes and files (nothing is decoded yet)."""
     path, card = locate(spec, log)
     notes: list[str] = []
+    csv_path: Path | None
     if path.is_file():
         if path.suffix.lower() != ".csv":
             raise DatasetError(

@@ -20,8 +20,8 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            upright = ImageOps.exif_transpose(img)
+            return to_rgb(upright)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise BadImageError(f"{path}: {describe_error(path, err)}") from err
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import yaml
@@ -47,9 +48,20 @@ LESION_BASE_COUNT = 14  # lesions per image at level 1 (classes 1 and 2); level 
 LESION_RADIUS_1024 = (1.6, 2.8)  # lesion radius in pixels at 1024 px (diameter about 3 to 6 px)
 DARK_LESION = (0.30, 0.04, 0.03)  # microaneurysm / haemorrhage: dark red
 BRIGHT_LESION = (1.00, 0.93, 0.55)  # hard exudate: bright yellow
+
+
+class JpegOptions(TypedDict):
+    """Keyword arguments of `PIL.Image.Image.save` for the synthetic JPEGs."""
+
+    format: str
+    quality: int
+    subsampling: int
+    optimize: bool
+
+
 # JPEG like real fundus archives, but at quality 95 without chroma subsampling so that 3-px lesions keep their
 # colour; encoding is deterministic (same pixels, same bytes) and ~20x faster than PNG on these noisy images.
-JPEG_OPTIONS = {"format": "JPEG", "quality": 95, "subsampling": 0, "optimize": False}
+JPEG_OPTIONS: JpegOptions = {"format": "JPEG", "quality": 95, "subsampling": 0, "optimize": False}
 
 
 @dataclass(frozen=True)

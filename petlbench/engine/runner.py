@@ -24,6 +24,7 @@ from petlbench.core.method import BackboneSpec, Method, get_method, method_keys
 from petlbench.core.options import OptionError, parse_opt_flags
 from petlbench.core.results import FINISHED, ResultStore
 from petlbench.data.source import DatasetSource
+from petlbench.engine.callbacks import Callbacks, RunCallback
 from petlbench.engine.metrics import mean_std
 from petlbench.engine.training import ProgressHooks, run_training
 
@@ -209,7 +210,6 @@ def execute(
 ) -> list[dict[str, Any]]:
     """Train every config not already finished (unless `force`); a failure is recorded and the rest go on."""
     hooks = hooks or ProgressHooks()
-    efficiency = efficiency_fn() if profile else None
     records = []
     for i, (method, cfg) in enumerate(resolved.configs):
         if not force and store.is_finished(cfg.run_id):
@@ -218,19 +218,18 @@ def execute(
             records.append(store.load(cfg.run_id))
             continue
         on_run(i, len(resolved.configs), cfg, "running")
-        record = run_training(cfg, method, resolved.source, resolved.backbone, store, hooks, efficiency)
+        record = run_training(cfg, method, resolved.source, resolved.backbone, store, hooks, run_callbacks(profile))
         on_run(i + 1, len(resolved.configs), cfg, record["status"])
         records.append(record)
     return records
 
 
-def efficiency_fn() -> Callable[..., dict[str, Any]] | None:
-    """The per-run profiler (None if the profiling module is unavailable)."""
-    try:
-        from petlbench.profiling import run_efficiency
-    except ImportError:
-        return None
-    return run_efficiency
+def run_callbacks(profile: bool = True) -> RunCallback:
+    """The observers of one run: timing, CUDA peaks and power, the estimator and FLOPs (with `profile`), figure data."""
+    from petlbench.profiling.callbacks import EfficiencyCallback
+    from petlbench.reports.callbacks import IntrospectionCallback
+
+    return Callbacks([EfficiencyCallback(estimate=profile), IntrospectionCallback()])
 
 
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -19,14 +19,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 
+from petlbench.backbones.attention import describe_attention
 from petlbench.core.config import RunConfig
-from petlbench.core.environment import environment
-from petlbench.core.method import BackboneSpec, BuildContext, Method, PetlModel
+from petlbench.core.environment import environment, resolve_device
+from petlbench.core.method import BackboneSpec, BuildContext, Method, PetlModel, build_model
 from petlbench.core.results import FAILED, FINISHED, OOM, ResultStore, utc_now
 from petlbench.data.source import DatasetSource
 from petlbench.data.views import ViewDataset
+from petlbench.engine.callbacks import RunCallback, RunView
 from petlbench.engine.metrics import classification_metrics
 from petlbench.engine.step import flush_denormals, make_optimizer, train_step
 
@@ -147,17 +149,13 @@ def _load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> N
 
 
 def train_epochs(
-    model: PetlModel,
-    loaders: dict[str, DataLoader],
-    cfg: RunConfig,
-    device: torch.device,
+    run: RunView,
     hooks: ProgressHooks,
-    meters: RunMeters | None = None,
+    callbacks: RunCallback | None = None,
 ) -> TrainState:
     """The training loop: one optimizer step per batch, validation after every epoch."""
-    from petlbench.profiling import reset_cuda_peak
-
-    meters = meters or RunMeters(device)
+    callbacks = callbacks or RunCallback()
+    model, loaders, cfg, device = run.model, run.loaders, run.cfg, run.device
     state = TrainState()
     params = model.trainable_parameters()
     optimizer = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -172,7 +170,7 @@ def train_epochs(
         epoch_start = time.perf_counter()
         for i, batch in enumerate(loaders["train"]):
             batch = to_device(batch, device)
-            meters.step_timer.start_step()
+            callbacks.on_step_start(run)
             loss = train_step(
                 model,
                 batch,
@@ -182,12 +180,10 @@ def train_epochs(
                 autocast=lambda: _autocast(cfg, device),
             )
             scheduler.step()
-            meters.step_timer.end_step(int(batch["label"].shape[0]))
+            state.global_step += 1
+            callbacks.on_step_end(run, state.global_step, int(batch["label"].shape[0]))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {i + 1}")
-            state.global_step += 1
-            if state.global_step == meters.warmup_steps:
-                reset_cuda_peak(device)  # the steady-state peak: optimizer state exists from here on
             state.images_trained += int(batch["label"].shape[0])
             losses.append(float(loss))
             hooks.on_batch(i + 1, steps_per_epoch, "train")
@@ -203,48 +199,13 @@ def train_epochs(
                 "epoch_train_seconds": time.perf_counter() - epoch_start,
             }
         )
+        callbacks.on_epoch_end(run, state.history[-1])
         val_auc = val["auc"] if math.isfinite(val["auc"]) else -math.inf
         if val_auc > state.best_val_auc or state.best_epoch < 0:
             state.best_val_auc, state.best_epoch = val_auc, epoch + 1
             state.best_weights = _trainable_state(model)
     hooks.on_epoch(cfg.epochs, cfg.epochs)
     return state
-
-
-@dataclass
-class RunMeters:
-    """The measurements taken while a run trains: step timer (warm-up excluded) and NVML power sampler."""
-
-    device: torch.device
-    warmup_steps: int = 2
-
-    def __post_init__(self) -> None:
-        from petlbench.profiling import PowerSampler, StepTimer
-
-        self.step_timer = StepTimer(warmup_steps=self.warmup_steps, device=self.device)
-        self.power_sampler = None
-        if self.device.type == "cuda":
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            self.power_sampler = PowerSampler(index)
-
-    def start(self) -> None:
-        """Start the power sampler (never raises: NVML failures become a reason at stop)."""
-        if self.power_sampler is not None:
-            self.power_sampler.start()
-
-    def stop(self) -> dict[str, Any]:
-        """Throughput, measured CUDA peaks and power of the run (None fields with reasons where unavailable)."""
-        from petlbench.profiling import read_cuda_peak, unavailable_power
-
-        summary = self.step_timer.summary()
-        summary.pop("step_seconds", None)
-        result = dict(summary)
-        result.update(read_cuda_peak(self.device))
-        if self.power_sampler is not None:
-            result["power"] = self.power_sampler.stop()
-        else:
-            result["power"] = unavailable_power(f"{self.device} is not an NVIDIA GPU: NVML power needs one")
-        return result
 
 
 def build_loaders(splits: dict[str, Any], batch_size: int, seed: int, workers: int) -> dict[str, DataLoader]:
@@ -259,11 +220,13 @@ def run_training(
     backbone: BackboneSpec,
     store: ResultStore,
     hooks: ProgressHooks | None = None,
-    efficiency: Callable[..., dict[str, Any]] | None = None,
+    callbacks: RunCallback | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate one configuration; returns the stored record whatever the outcome."""
+    """Train and evaluate one configuration; returns the stored record whatever the outcome.
+
+    `callbacks` observe the run (measurement, figure data) and contribute to the record's `efficiency` section.
+    """
     hooks = hooks or ProgressHooks()
-    from petlbench.core.environment import resolve_device
 
     device = resolve_device(cfg.device)
     record = store.mark_running(cfg.run_id, cfg.to_dict(), method.display_name)
@@ -281,7 +244,7 @@ def run_training(
     }
     started = time.perf_counter()
     try:
-        record.update(_train_and_test(cfg, method, source, backbone, store, device, hooks, efficiency))
+        record.update(_train_and_test(cfg, method, source, backbone, store, device, hooks, callbacks or RunCallback()))
         record["status"] = FINISHED
     except KeyboardInterrupt:
         raise  # leaves the "running" record: the run is redone next time
@@ -306,7 +269,7 @@ def _train_and_test(
     store: ResultStore,
     device: torch.device,
     hooks: ProgressHooks,
-    efficiency: Callable[..., dict[str, Any]] | None,
+    callbacks: RunCallback,
 ) -> dict[str, Any]:
     seed_everything(cfg.seed)
     views = method.views(cfg.res)
@@ -325,34 +288,33 @@ def _train_and_test(
         attention=cfg.attention,
         log=hooks.log,
     )
-    model = method.build(ctx)
+    model = build_model(method, ctx)
     splits = {
         name: ViewDataset(source.split(name), views, train=(name == "train"), mean=source.mean, std=source.std)
         for name in ("train", "val", "test")
     }
     prepare_start = time.perf_counter()
     with preserved_rng():  # building a cache or reusing one must leave the same random stream for training
-        splits = model.prepare_data(splits, ctx)
+        prepared = model.prepare_data(splits, ctx)
     prepare_seconds = time.perf_counter() - prepare_start
     model.place(device)
     trainable, total = model.param_report()
-    loaders = build_loaders(splits, batch_size, cfg.seed, cfg.num_workers)
-    eff: dict[str, Any] = {}
-    if efficiency is not None:
-        eff.update(efficiency(model=model, method=method, ctx=ctx, batch_size=batch_size, device=device))
-    meters = RunMeters(device)
-    meters.start()
+    loaders = build_loaders(prepared.splits, batch_size, cfg.seed, cfg.num_workers)
+    run = RunView(cfg, method, model, ctx, device, loaders, batch_size, store.run_dir(cfg.run_id), hooks.log)
+    callbacks.on_model_ready(run)
+    callbacks.on_train_start(run)
     train_start = time.perf_counter()
     try:
-        state = train_epochs(model, loaders, cfg, device, hooks, meters)
+        state = train_epochs(run, hooks, callbacks)
     finally:
-        measured = meters.stop()
+        callbacks.on_train_end(run)
     train_seconds = time.perf_counter() - train_start
     last_test = evaluate(model, loaders["test"], device, cfg, hooks, "test")
     _load_trainable_state(model, state.best_weights)
     best_test = evaluate(model, loaders["test"], device, cfg, hooks, "test")
-    _save_introspection(model, loaders["test"], cfg, store, device, hooks)
-    eff.update(measured)
+    callbacks.on_test_end(run)
+    eff: dict[str, Any] = {"attention": describe_attention(model)}
+    eff.update(callbacks.results())
     eff.update(
         {
             "train_seconds": train_seconds,  # all epochs, validation included
@@ -361,11 +323,9 @@ def _train_and_test(
             "end_to_end_images_per_s": state.images_trained / state.train_seconds if state.train_seconds else None,
         }
     )
-    preload_info = getattr(model, "preload_info", None)
-    if preload_info:
-        eff["preload"] = preload_info
-        eff["preload_seconds"] = preload_info.get("preload_seconds")
-    _choose_peak_memory(eff)
+    if prepared.info:
+        eff["preload"] = prepared.info
+        eff["preload_seconds"] = prepared.info.get("preload_seconds")
     return {
         "method_name": method.display_name,
         "params": {"trainable": trainable, "total": total, "ratio_pct": 100.0 * trainable / total},
@@ -381,57 +341,3 @@ def _train_and_test(
         "efficiency": eff,
         "batch_size_used": batch_size,
     }
-
-
-def _save_introspection(
-    model: PetlModel,
-    loader: DataLoader,
-    cfg: RunConfig,
-    store: ResultStore,
-    device: torch.device,
-    hooks: ProgressHooks,
-    max_images: int = 4,
-) -> None:
-    """Store attention maps of a few test images, one class after another (figures 6 and 9), if the method has any."""
-    dataset = loader.dataset
-    samples = list(getattr(dataset, "samples", []))
-    if not samples or type(model).introspect is PetlModel.introspect:
-        return  # this method has no attention maps to show
-    chosen = _class_spread(samples, max_images)
-    batch = to_device(default_collate([dataset[i] for i in chosen]), device)
-    with torch.no_grad():
-        maps = model.introspect(batch)
-    if maps is None:
-        return
-    from petlbench.data.loading import load_image
-    from petlbench.reports import introspection_arrays, save_introspection
-
-    # the un-normalised high-resolution view of the same images, to draw the selected tokens on
-    images = np.stack([np.asarray(load_image(samples[i].path).resize((cfg.res, cfg.res))) for i in chosen])
-    arrays = introspection_arrays(maps, images=images, max_images=max_images, labels=batch["label"])
-    path = save_introspection(store.run_dir(cfg.run_id), arrays)
-    hooks.log(f"attention maps for figures 6 and 9 saved to {path}")
-
-
-def _class_spread(samples: list[Any], count: int) -> list[int]:
-    """Indices of up to `count` samples taking the classes in turn (first of each class, then second, ...)."""
-    by_class: dict[int, list[int]] = {}
-    for index, sample in enumerate(samples):
-        by_class.setdefault(sample.label, []).append(index)
-    queues = [by_class[label] for label in sorted(by_class)]
-    chosen: list[int] = []
-    while len(chosen) < count and any(queues):
-        for queue in queues:
-            if queue and len(chosen) < count:
-                chosen.append(queue.pop(0))
-    return chosen
-
-
-def _choose_peak_memory(eff: dict[str, Any]) -> None:
-    """The memory figure tables use: measured peak allocated on CUDA, else the estimate (marked)."""
-    if eff.get("measured_peak_allocated_mb") is not None:
-        eff["peak_mem_mb"], eff["peak_mem_source"] = eff["measured_peak_allocated_mb"], "measured"
-    elif eff.get("est_peak_mem_mb") is not None:
-        eff["peak_mem_mb"], eff["peak_mem_source"] = eff["est_peak_mem_mb"], "estimated"
-    else:
-        eff["peak_mem_mb"], eff["peak_mem_source"] = None, None

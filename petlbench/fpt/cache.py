@@ -40,8 +40,7 @@ from torch.utils.data import Dataset
 from petlbench.core.atomic import file_lock, write_json_atomic
 
 if TYPE_CHECKING:
-    from petlbench.core.method import BackboneSpec, Method
-    from petlbench.data.source import DatasetSource, Sample
+    from petlbench.data.source import Sample
 
 CACHE_FORMAT = 1
 CACHE_SUBDIR = "fpt_features"
@@ -355,37 +354,3 @@ class PreloadedDataset(Dataset):
             tensor = torch.from_numpy(array)
             item[BATCH_PREFIX + name] = tensor.long() if array.dtype == np.int32 else tensor
         return item
-
-
-def preload(
-    method: Method | str,
-    source: DatasetSource,
-    res: int,
-    backbone: BackboneSpec,
-    cache_dir: str | Path,
-    log: Log = print,
-    device: torch.device | str | None = None,
-) -> dict[str, Any]:
-    """Run the frozen LPM of an FPT/FPT+ `method` once over every image of `source` and cache its features.
-
-    Returns the preload info (cache path, bytes, whether it was reused, seconds). A later training run
-    with the same method options, backbone, resolution and data reuses the cache.
-    """
-    from petlbench.core.method import get_method
-    from petlbench.core.options import OptionError
-    from petlbench.fpt.common import SideTuningMethod
-
-    if isinstance(method, str):
-        method = get_method(method).from_overrides()
-    if not isinstance(method, SideTuningMethod):
-        raise OptionError(f"preloading applies to FPT and FPT+ only, not {type(method).__name__}")
-    return method.preload_samples(
-        source.samples,
-        source.mean,
-        source.std,
-        res,
-        backbone,
-        Path(cache_dir),
-        log,
-        torch.device(device) if device is not None else torch.device("cpu"),
-    )

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from petlbench.backbones.vit import create_backbone
-from petlbench.core.method import BackboneSpec, Batch, BuildContext, Method, PetlModel, View
+from petlbench.core.method import BackboneSpec, Batch, BuildContext, Method, OneOffWork, PetlModel, Prepared, View
 from petlbench.core.options import OptionError, option
 from petlbench.engine.step import flush_denormals
 from petlbench.fpt.cache import (
@@ -169,7 +169,6 @@ class SideTuningModel(PetlModel):
         self.side_view = SIDE_VIEW if asymmetric else SHARED_VIEW
         self.lpm_view = LPM_VIEW if asymmetric else SHARED_VIEW
         self.preloaded = False
-        self.preload_info: dict[str, Any] = {}
 
     def lpm_features(self, batch: Batch, keep_indices: bool = False) -> dict[str, torch.Tensor]:
         """LPM features for a batch: the preloaded `lpm_*` tensors (as float32) or an online LPM pass."""
@@ -191,27 +190,30 @@ class SideTuningModel(PetlModel):
         extras = self.fusion(self.lpm_features(batch)) if self.fusion is not None else None
         return side_forward(self.side, batch[self.side_view], extras)
 
-    def prepare_data(self, splits: Mapping[str, Any], ctx: BuildContext) -> dict[str, Any]:
-        """Preload the LPM features of every split into the on-disk cache, when this configuration allows."""
+    def _no_preload_reason(self) -> str | None:
         options = self.method.options
-        reason = None
         if self.lpm is None:
-            reason = "use_lpm=false: there is no LPM"
-        elif not options.asymmetric:
-            reason = "asymmetric=false: the LPM reads the augmented shared image, which cannot be cached"
-        elif not options.preload:
-            reason = "preload=false"
+            return "use_lpm=false: there is no LPM"
+        if not options.asymmetric:
+            return "asymmetric=false: the LPM reads the augmented shared image, which cannot be cached"
+        if not options.preload:
+            return "preload=false"
+        return None
+
+    def prepare_data(self, splits: Mapping[str, Any], ctx: BuildContext) -> Prepared:
+        """Preload the LPM features of every split into the on-disk cache, when this configuration allows."""
+        reason = self._no_preload_reason()
         if reason is not None:
             if self.lpm is not None:
                 ctx.log(f"{self.method.display_name}: not preloading ({reason}); the LPM runs online every step")
-            self.preload_info = {
+            info = {
                 "preloaded": False,
                 "reason": reason,
                 "preload_seconds": None,
                 "cache_bytes": None,
                 "cache_reused": None,
             }
-            return dict(splits)
+            return Prepared(dict(splits), info)
         assert self.lpm is not None
         datasets = dict(splits)
         samples = [s for ds in datasets.values() for s in ds.samples]
@@ -219,25 +221,28 @@ class SideTuningModel(PetlModel):
         if any(tuple(ds.mean) != tuple(first.mean) or tuple(ds.std) != tuple(first.std) for ds in datasets.values()):
             raise ValueError("splits are normalised differently; one feature cache cannot serve them")
         store, info = self.method.ensure_features(
-            self.lpm,
-            samples,
-            first.mean,
-            first.std,
-            self.res,
-            ctx.backbone,
-            Path(ctx.cache_dir),
-            ctx.log,
-            ctx.device,
+            self.lpm, samples, first.mean, first.std, self.res, ctx.backbone, Path(ctx.cache_dir), ctx.log, ctx.device
         )
         self.preloaded = True
-        self.preload_info = {"preloaded": True, **info}
-        return {name: self._with_features(ds, store) for name, ds in datasets.items()}
+        return Prepared(
+            {name: self._with_features(ds, store) for name, ds in datasets.items()}, {"preloaded": True, **info}
+        )
+
+    def assume_prepared(self) -> None:
+        """Consume preloaded features from now on, when this configuration preloads (profilers, no data)."""
+        self.preloaded = self._no_preload_reason() is None
+
+    def one_off_work(self) -> OneOffWork | None:
+        """The LPM's feature-extraction pass over every image, when features are preloaded."""
+        if self.lpm is None or not self.preloaded:
+            return None
+        return OneOffWork(self.lpm, self.lpm_view, self.res)
 
     def _with_features(self, dataset: Any, store: FeatureStore) -> PreloadedDataset:
         side_only = dataset.with_views({self.side_view: dataset.views[self.side_view]})
         return PreloadedDataset(side_only, store)
 
-    def example_batch(self, batch_size: int, device: torch.device | str = "cpu") -> Batch:
+    def example_batch(self, views: Mapping[str, View], batch_size: int, device: torch.device | str = "cpu") -> Batch:
         """Random inputs shaped like one training batch in the current mode (preloaded or online), for probes."""
         side_res = int(self.side.patch_embed.img_size[0])
         batch: Batch = {self.side_view: torch.randn(batch_size, 3, side_res, side_res, device=device)}
@@ -363,9 +368,6 @@ class SideTuningMethod(Method):
                 fusion = MLPFusion(width, side_width, o.fusion_dropout)
             else:
                 fusion = self.prompt_fusion(side_depth, o.num_prompts, width, side_width, heads, o.fusion_dropout)
-        if ctx.attention == "explicit":
-            for block in [*side.blocks, *(lpm.vit.blocks if lpm is not None else [])]:
-                block.attn.fused_attn = False
         model = SideTuningModel(self, side, lpm, fusion, ctx.res)
         ctx.log(self.describe(model, ctx.res, side_res))
         return model
@@ -521,3 +523,35 @@ def fusion_attention_maps(model: SideTuningModel, batch: Batch) -> dict[str, Any
         "side_attention": side_maps,
         "side_attention_mass": side_maps.sum(dim=-1).mean(dim=(0, 2, 3)),
     }
+
+
+def preload(
+    method: Method | str,
+    source: Any,
+    res: int,
+    backbone: BackboneSpec,
+    cache_dir: str | Path,
+    log: Log = print,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """Run the frozen LPM of an FPT/FPT+ `method` once over every image of `source` and cache its features.
+
+    Returns the preload info (cache path, bytes, whether it was reused, seconds). A later training run
+    with the same method options, backbone, resolution and data reuses the cache.
+    """
+    from petlbench.core.method import get_method
+
+    if isinstance(method, str):
+        method = get_method(method).from_overrides()
+    if not isinstance(method, SideTuningMethod):
+        raise OptionError(f"preloading applies to FPT and FPT+ only, not {type(method).__name__}")
+    return method.preload_samples(
+        source.samples,
+        source.mean,
+        source.std,
+        res,
+        backbone,
+        Path(cache_dir),
+        log,
+        torch.device(device) if device is not None else torch.device("cpu"),
+    )

@@ -33,7 +33,7 @@ from petlbench.profiling.memory_estimate import (
     estimate_model_memory,
     estimate_training_memory,
 )
-from petlbench.profiling.models import batch_spec, build_meta, meta_clone, set_attention
+from petlbench.profiling.models import batch_spec, build_meta, meta_clone
 from petlbench.profiling.power import NvmlBackend, PowerSampler, unavailable_power
 from petlbench.profiling.profile import (
     forward_flops,
@@ -82,7 +82,6 @@ __all__ = [
     "run_bench",
     "run_efficiency",
     "sdpa_flop_jit",
-    "set_attention",
     "torch_flops",
     "torch_forward",
     "train_step",

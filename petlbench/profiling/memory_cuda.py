@@ -43,7 +43,7 @@ def reset_cuda_peak(device: torch.device | str | None = None) -> None:
 
 def nvml_process_memory(device: torch.device | str | None, nvml: Any = None) -> tuple[int | None, str | None]:
     """(bytes this process holds on `device` according to NVML, reason if None)."""
-    if not is_cuda(device):
+    if device is None or not is_cuda(device):
         return None, "no CUDA device"
     from petlbench.profiling.power import NvmlBackend, cuda_uuid
 

@@ -61,6 +61,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from petlbench.backbones.attention import set_attention
 from petlbench.core.method import BackboneSpec, Method
 from petlbench.engine.step import MakeOptimizer, TrainStep, make_optimizer, train_step
 from petlbench.profiling.flops import flop_counter
@@ -71,7 +72,6 @@ from petlbench.profiling.models import (
     fakeify,
     make_context,
     resident_tensor_ids,
-    set_attention,
 )
 
 MIB = 2**20
@@ -667,11 +667,13 @@ def estimate_training_memory(
     train_step_fn: TrainStep | None = None,
     make_optimizer_fn: MakeOptimizer | None = None,
     round_to: int | None = None,
+    prepared: bool = True,
 ) -> MemoryEstimate:
-    """Build `method` for `backbone` at `res` on the meta device and estimate its training-step peak."""
+    """Build `method` for `backbone` at `res` on the meta device and estimate its training-step peak (after
+    `prepare_data`, or without it with `prepared=False`)."""
     ctx = make_context(backbone, res, num_classes, attention)
     model, build = build_meta(method, ctx)
-    spec = batch_spec(model, method, res, batch_size, num_classes)
+    spec = batch_spec(model, method, res, batch_size, num_classes, prepared=prepared)
     resident, placement = resident_tensor_ids(model)
     return estimate_model_memory(
         model,

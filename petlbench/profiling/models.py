@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from petlbench.core.method import ATTENTION_CHOICES, BackboneSpec, BuildContext, Method
+from petlbench.core.method import BackboneSpec, BuildContext, Method, PetlModel, build_model
 
 # Breakdown categories of the memory estimator (the unlabelled remainder is activations + temporaries).
 INPUTS = "inputs"
@@ -62,14 +62,14 @@ def build_meta(method: Method, ctx: BuildContext) -> tuple[nn.Module, str]:
     meta_ctx = dataclasses.replace(ctx, device=torch.device("meta"), backbone=profiling_backbone(ctx.backbone))
     try:
         with torch.device("meta"), _SkipMetaInit():
-            model = method.build(meta_ctx)
+            model = build_model(method, meta_ctx)
         if all(t.is_meta for t in _tensors(model)):
             return model, "meta"
         model = model.to("meta")
         return model, "meta (some tensors created off-meta, moved)"
     except Exception as error:  # noqa: BLE001 - fall back to a real CPU build, said in the result
         cpu_ctx = dataclasses.replace(meta_ctx, device=torch.device("cpu"))
-        model = method.build(cpu_ctx)
+        model = build_model(method, cpu_ctx)
         return model.to("meta"), f"cpu then meta (meta build failed: {type(error).__name__}: {error})"
 
 
@@ -95,40 +95,6 @@ class _SkipMetaInit(TorchFunctionMode):
 
 def _tensors(model: nn.Module) -> list[torch.Tensor]:
     return [*model.parameters(), *model.buffers()]
-
-
-# ----------------------------------------------------------------------------------------- attention
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules with timm's boolean `fused_attn` switch (timm `Attention` and look-alikes)."""
-    return [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
-
-
-def set_attention(model: nn.Module, attention: str = "auto") -> str:
-    """Apply `attention` to every attention module and return what the model now runs.
-
-    "fused" sets `fused_attn=True` (F.scaled_dot_product_attention), "explicit" sets False (softmax(QKᵀ)V
-    with the map materialised), "auto" leaves the model as built (timm's default is fused unless
-    TIMM_FUSED_ATTN=0). Returns "fused", "explicit", "mixed" or "none" (no such module).
-    Blocks that a method always evaluates explicitly (the FPT/FPT+ LPM blocks whose attention map is
-    needed) do so regardless of the flag; their matmuls are counted either way.
-    """
-    if attention not in ATTENTION_CHOICES:
-        raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {attention!r}")
-    modules = attention_modules(model)
-    if attention != "auto":
-        for module in modules:
-            module.fused_attn = attention == "fused"
-    return describe_attention(model)
-
-
-def describe_attention(model: nn.Module) -> str:
-    """ "fused", "explicit", "mixed" or "none", from the modules' `fused_attn` flags."""
-    flags = {m.fused_attn for m in attention_modules(model)}
-    if not flags:
-        return "none"
-    if len(flags) == 2:
-        return "mixed"
-    return "fused" if flags.pop() else "explicit"
 
 
 # ----------------------------------------------------------------------------------------- placement
@@ -212,73 +178,31 @@ class BatchSpec:
         return {k: list(shape) for k, (shape, _, _) in self.entries.items()}
 
 
-def _preload_active(method: Method, model: nn.Module) -> bool:
-    options = getattr(method, "options", None)
-    lpm = getattr(model, "lpm", None)
-    return (
-        lpm is not None
-        and callable(getattr(lpm, "feature_shapes", None))
-        and bool(getattr(options, "preload", False))
-        and bool(getattr(options, "asymmetric", True))
-        and bool(getattr(options, "use_lpm", True))
-    )
+def batch_spec(
+    model: PetlModel, method: Method, res: int, batch_size: int, num_classes: int, prepared: bool = True
+) -> BatchSpec:
+    """What one training batch of `model` looks like, once its data is prepared (or, with `prepared=False`, as
+    it would be without `prepare_data`: FPT/FPT+ then run the LPM online every step).
 
-
-def batch_spec(model: nn.Module, method: Method, res: int, batch_size: int, num_classes: int) -> BatchSpec:
-    """What one training batch of `model` looks like.
-
-    0. FPT/FPT+ whose options preload (LPM used, asymmetric input) are switched to their preloaded state
-       first (`model.preloaded = True`, which `prepare_data` would set), so `place()` keeps the LPM on the
-       host and the batch carries the preloaded features.
-    1. `model.example_batch(batch_size, device)` when the model provides it (called on the meta device):
-       FPT/FPT+ describe their preloaded key/value batches this way.
-    2. FPT/FPT+ models without it, when their options preload: the side view plus `lpm_*` tensors shaped by
-       `model.lpm.feature_shapes(res)` in the cache dtype (what `PreloadedDataset` yields), and the model
-       is switched to its preloaded state (`model.preloaded = True`, so `place()` keeps the LPM on the host).
-    3. Otherwise one tensor `[B, 3, size, size]` per entry of `method.views(res)`.
-    The label `[B]` (int64) is always present. Non-view tensors are "preloaded features" in the breakdown.
+    With `prepared` the model is first switched to the state `prepare_data` would leave (`assume_prepared()`:
+    FPT/FPT+ then keep the LPM on the host and consume preloaded features). The model then describes its batch
+    (`example_batch`, on the meta device). Tensors named like a view are inputs; any other tensor is a prepared
+    (preloaded) feature. The label `[B]` (int64) is always present.
     """
     views = method.views(res)
     notes: list[str] = []
-
-    def category(key: str) -> str:
-        return INPUTS if key == "label" or key in views else PRELOADED
-
-    if _preload_active(method, model) and hasattr(model, "preloaded") and not model.preloaded:
-        model.preloaded = True  # what prepare_data() would have done: the step consumes preloaded features
-        notes.append("preloading emulated: model.preloaded=True (prepare_data not run)")
-    maker = getattr(model, "example_batch", None)
-    if callable(maker):
-        example = maker(batch_size, torch.device("meta"))
-        entries = {k: (tuple(v.shape), v.dtype, category(k)) for k, v in example.items() if isinstance(v, torch.Tensor)}
-        source = "model.example_batch"
-    elif _preload_active(method, model):
-        from petlbench.fpt.cache import BATCH_PREFIX
-
-        dtype = getattr(torch, str(getattr(method.options, "cache_dtype", "float32")))
-        side_key = getattr(model, "side_view", None) or next(k for k in views if k != "lpm")
-        side = views[side_key]
-        entries = {side_key: ((batch_size, 3, side.size, side.size), torch.float32, INPUTS)}
-        for name, (shape, kind) in model.lpm.feature_shapes(res).items():
-            entries[BATCH_PREFIX + name] = (
-                (batch_size, *shape),
-                torch.int64 if kind == "index" else dtype,
-                PRELOADED,
-            )
-        if hasattr(model, "preloaded"):
-            model.preloaded = True
-        source = "lpm.feature_shapes (preloaded)"
-        notes.append(
-            "model has no example_batch(); preloaded batch built from model.lpm.feature_shapes(res) "
-            f"in the cache dtype {dtype} (what PreloadedDataset yields)"
-        )
-    else:
-        entries = {k: ((batch_size, 3, v.size, v.size), torch.float32, INPUTS) for k, v in views.items()}
-        source = "method.views"
-        if getattr(getattr(method, "options", None), "preload", False) and getattr(model, "lpm", None) is not None:
-            notes.append("preloading requested but no preloaded batch could be described: the LPM runs online")
+    if prepared:
+        model.assume_prepared()
+    if model.one_off_work() is not None:
+        notes.append("prepared state assumed (prepare_data not run): the batch carries preloaded features")
+    example = model.example_batch(views, batch_size, torch.device("meta"))
+    entries = {
+        k: (tuple(v.shape), v.dtype, INPUTS if k == "label" or k in views else PRELOADED)
+        for k, v in example.items()
+        if isinstance(v, torch.Tensor)
+    }
     entries.setdefault("label", ((batch_size,), torch.int64, INPUTS))
-    return BatchSpec(entries, source, notes)
+    return BatchSpec(entries, "model.example_batch", notes)
 
 
 # ----------------------------------------------------------------------------------------- fake / meta

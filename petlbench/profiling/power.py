@@ -199,6 +199,12 @@ class PowerSampler:
         if torch.cuda.is_available() and self.device_index < torch.cuda.device_count():
             torch.cuda.synchronize(self.device_index)
 
+    def _nvml(self) -> NvmlBackendProtocol:
+        """The NVML backend `start()` opened."""
+        if self.backend is None:
+            raise RuntimeError("PowerSampler: NVML backend used before start()")
+        return self.backend
+
     # -- lifecycle -------------------------------------------------------------------------------
     def __enter__(self) -> PowerSampler:
         return self.start()
@@ -250,8 +256,9 @@ class PowerSampler:
         if self._handle is None or self.reason is not None:
             return
         t = self.clock()
-        power = self.backend.power_mw(self._handle)
-        memory = self.backend.processes(self._handle).get(self.pid)
+        backend = self._nvml()
+        power = backend.power_mw(self._handle)
+        memory = backend.processes(self._handle).get(self.pid)
         with self._lock:
             self.samples.append((t, float(power), memory))
 
@@ -267,7 +274,7 @@ class PowerSampler:
             return self.result
         self.sync()
         t1 = self.clock()
-        e1 = self.backend.energy_mj(self._handle)
+        e1 = self._nvml().energy_mj(self._handle)
         self._stop_event.set()
         if self._thread is not None:
             self._thread.join(timeout=2 * self.interval_s + 1.0)
@@ -288,7 +295,7 @@ class PowerSampler:
                 pass
 
     def _other_pids(self) -> set[int]:
-        return {pid for pid in self.backend.processes(self._handle) if pid != self.pid}
+        return {pid for pid in self._nvml().processes(self._handle) if pid != self.pid}
 
     def _summarise(self, t1: float, e1: float | None, others: set[int]) -> dict[str, Any]:
         with self._lock:

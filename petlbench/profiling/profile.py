@@ -9,7 +9,6 @@ unavailable measurements are None with a reason, never zeros.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -21,7 +20,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from petlbench.core.method import BackboneSpec, BuildContext, Method, get_method, method_keys
+from petlbench.core.environment import resolve_device
+from petlbench.core.method import (
+    BackboneSpec,
+    BuildContext,
+    Method,
+    OneOffWork,
+    PetlModel,
+    build_model,
+    get_method,
+    method_keys,
+)
 from petlbench.engine.step import TrainStep, make_optimizer
 from petlbench.profiling.flops import (
     FLOPS_RULE,
@@ -33,15 +42,12 @@ from petlbench.profiling.flops import (
 from petlbench.profiling.memory_estimate import MIB, estimate_model_memory, estimate_training_memory
 from petlbench.profiling.models import (
     BatchSpec,
-    _preload_active,
     batch_spec,
     build_meta,
-    describe_attention,
     make_context,
     materialize_cpu,
     meta_clone,
     resident_tensor_ids,
-    set_attention,
     structure_signature,
 )
 
@@ -78,30 +84,22 @@ def parse_mem(text: str | int | float | None) -> int | None:
     return int(float(match.group(1)) * scale)
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> cuda if available else cpu."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+class _OneOffAdapter(nn.Module):
+    """`batch[view]` -> the one-off module's outputs as a tuple (fvcore traces tuple outputs)."""
 
-
-def _with_option(method: Method, **changes: Any) -> Method:
-    return type(method)(dataclasses.replace(method.options, **changes))
-
-
-class _LpmAdapter(nn.Module):
-    """`batch["images"]` -> the LPM's feature tensors as a tuple (fvcore traces tuple outputs)."""
-
-    def __init__(self, lpm: nn.Module) -> None:
+    def __init__(self, work: OneOffWork) -> None:
         super().__init__()
-        self.lpm = lpm
+        self.module = work.module
+        self.view = work.view
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        features = self.lpm(batch["images"])
-        return tuple(features[k] for k in sorted(features))
+        out = self.module(batch[self.view])
+        if isinstance(out, dict):
+            return tuple(out[k] for k in sorted(out))
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def _forward_counts(model: nn.Module, spec1: BatchSpec, res: int, preload: bool) -> dict[str, Any]:
+def _forward_counts(model: PetlModel, spec1: BatchSpec) -> dict[str, Any]:
     """fvcore (+handles) and FlopCounterMode forward counts of a meta model at batch 1; consumes `model`."""
     torch_fwd = torch_forward(model, spec1.materialize("meta"))
     materialize_cpu(model)
@@ -113,10 +111,10 @@ def _forward_counts(model: nn.Module, spec1: BatchSpec, res: int, preload: bool)
         "flops_skipped_ops": sorted(fv["skipped_ops"]),
         "flops_counter": "fvcore + petlbench handles (attention counted)",
     }
-    if preload:
-        lpm = model.lpm
-        images = {"images": torch.zeros(1, 3, res, res)}
-        out["preload_gflops_per_image"] = to_gflops_per_image(fvcore_forward(_LpmAdapter(lpm), images)["total"], 1)
+    work = model.one_off_work()
+    if work is not None:
+        images = {work.view: torch.zeros(1, 3, work.size, work.size)}
+        out["preload_gflops_per_image"] = to_gflops_per_image(fvcore_forward(_OneOffAdapter(work), images)["total"], 1)
     return out
 
 
@@ -124,16 +122,14 @@ def forward_flops(
     method: Method, backbone: BackboneSpec, res: int, num_classes: int = 5, attention: str = "auto"
 ) -> dict[str, Any]:
     """Forward GFLOPs per image (fvcore + handles; FlopCounterMode cross-check), memoised on the model's
-    structure. For FPT/FPT+ with preloading, also the one-off preload cost: the LPM's feature-extraction
-    forward per image (`preload_gflops_per_image`)."""
+    structure. For a model with one-off work once its data is prepared (FPT/FPT+ preloading: the LPM's
+    feature-extraction forward), also that cost per image (`preload_gflops_per_image`)."""
     ctx = make_context(backbone, res, num_classes, attention)
     model, _ = build_meta(method, ctx)
     spec1 = batch_spec(model, method, res, 1, num_classes)
-    set_attention(model, attention)
-    preload = _preload_active(method, model)
     key = structure_signature(model, spec1, method.resolved_options())
     if key not in _FWD_MEMO:
-        _FWD_MEMO[key] = _forward_counts(model, spec1, res, preload)
+        _FWD_MEMO[key] = _forward_counts(model, spec1)
     return dict(_FWD_MEMO[key])
 
 
@@ -210,15 +206,9 @@ def profile_methods(
         row.update(est.to_dict())
         row["attn_impl"] = ATTN_IMPL.get(est.attention, est.attention)
         row.update(_flops_fields(forward_flops(method, backbone, res, num_classes, attention), est.train_flops))
-        if row.get("preload_gflops_per_image") is not None and hasattr(method.options, "preload"):
+        if row.get("preload_gflops_per_image") is not None:
             online = estimate_training_memory(
-                _with_option(method, preload=False),
-                backbone,
-                res,
-                batch_size,
-                num_classes,
-                attention=attention,
-                target=target,
+                method, backbone, res, batch_size, num_classes, attention=attention, target=target, prepared=False
             )
             row["est_peak_mem_mb_no_preload"] = online.peak_bytes / MIB
         if measure:
@@ -254,10 +244,9 @@ def build_real(
     """A real (randomly initialised) model placed on `device` and one random batch on it, in the state a
     training run would have (FPT/FPT+ preloaded when their options say so)."""
     ctx = make_context(backbone, res, num_classes, attention, device=device)
-    model = method.build(ctx)
+    model = build_model(method, ctx)
     spec = batch_spec(model, method, res, batch_size, num_classes)  # switches FPT to preloaded mode
-    set_attention(model, attention)
-    model.place(device) if hasattr(model, "place") else model.to(device)
+    model.place(device)
     batch = spec.materialize(device, random=True)
     return model, batch, spec
 
@@ -400,7 +389,7 @@ def run_efficiency(
         if flops:
             fwd_model, _ = clone()
             spec1 = batch_spec(fwd_model, method, ctx.res, 1, ctx.num_classes)
-            fwd = _forward_counts(fwd_model, spec1, ctx.res, _preload_active(method, fwd_model))
+            fwd = _forward_counts(fwd_model, spec1)
             out.update(_flops_fields(fwd, est.train_flops))
     except Exception as error:  # noqa: BLE001 - efficiency numbers must never fail a training run
         out["efficiency_error"] = f"{type(error).__name__}: {error}"
@@ -574,7 +563,6 @@ __all__ = [
     "ATTN_IMPL",
     "build_real",
     "bench_markdown",
-    "describe_attention",
     "forward_flops",
     "make_method",
     "measure_method",

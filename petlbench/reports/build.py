@@ -197,7 +197,7 @@ class ReportBuilder:
         resolutions = {c.header for c in table.columns} if table is not None else set()
         if table is None or len(resolutions) < 2:
             return self._estimate_fallback("runs exist at fewer than two input resolutions")
-        rows = []
+        rows: list[dict[str, Any]] = []
         for row in table.sections[0].rows:
             for column in table.columns:
                 if not column.key.startswith("mem:"):
@@ -400,12 +400,17 @@ def build_report(
         lambda: tbl.table_resolution(runs, b.gpu_mem_mb, table3_backbone, gpu_label=b.gpu_caption),
         "no run at default options",
     )
+
+    def sweep_table(spec: tbl.SweepSpec) -> Callable[[], Table | None]:
+        """The builder of one option's sweep table (`b.sel` is read when it runs, as for the other tables)."""
+        return lambda: tbl.table_sweep(runs, b.sel, spec)
+
     for number, option in (("IV", "side_res"), ("V", "num_prompts"), ("VI", "reduction")):
         spec = tbl.SWEEPS[option]
         b.table(
             number,
             spec.key,
-            lambda spec=spec: tbl.table_sweep(runs, b.sel, spec),
+            sweep_table(spec),
             f"no FPT+ runs varying {option} (other options at their defaults) at the main setting",
         )
     b.figure("1", "figure1_auc_vs_params", b.fig1)

@@ -303,7 +303,7 @@ def memory_cell(runs: pd.DataFrame, budget_mb: float | None = None) -> Cell:
         over = _estimate_over_budget(runs, budget_mb)
         return over if over is not None else no_value_cell(runs)
     cell.source = source
-    if budget_mb is not None and cell.has_value and cell.value > budget_mb:
+    if budget_mb is not None and (value := cell.finite) is not None and value > budget_mb:
         cell.text, cell.status, cell.mark = OOM, "over_budget", ""
     return cell
 
@@ -328,10 +328,11 @@ def memory_ratio(
     Uses the two displayed figures when they share a source (both measured or both estimated); otherwise
     the ratio of the two estimates if both have one; otherwise None.
     """
-    if not (method_cell.has_value and full_cell.has_value) or full_cell.value <= 0:
+    method_value, full_value = method_cell.finite, full_cell.finite
+    if method_value is None or full_value is None or full_value <= 0:
         return None, ""
     if method_cell.source == full_cell.source and method_cell.source in ("measured", "estimated"):
-        return method_cell.value / full_cell.value, method_cell.source
+        return method_value / full_value, method_cell.source
 
     def est(frame: pd.DataFrame) -> float | None:
         """Mean estimated peak memory of the finished runs, or None."""

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -37,8 +38,8 @@ MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<")
 
 def new_figure(width: float, height: float) -> Figure:
     """A Figure on an Agg canvas (constrained layout), independent of pyplot's state."""
-    fig = Figure(figsize=(width, height), layout="constrained")
-    fig.get_layout_engine().set(w_pad=0.1, h_pad=0.08)  # inches of margin around legends placed outside
+    # w_pad/h_pad: inches of margin around legends placed outside
+    fig = Figure(figsize=(width, height), layout=ConstrainedLayoutEngine(w_pad=0.1, h_pad=0.08))
     FigureCanvasAgg(fig)
     return fig
 

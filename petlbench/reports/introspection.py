@@ -81,7 +81,9 @@ def save_introspection(run_dir: str | Path, arrays: Mapping[str, Any]) -> Path:
     converted = {key: _to_numpy(value) for key, value in arrays.items()}
     validate_introspection(converted)
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **converted)
+    # allow_pickle is numpy's default, named so that `**converted` binds to the array keywords only (keys are
+    # validated above, so none can be taken for the flag).
+    np.savez_compressed(buffer, allow_pickle=True, **converted)
     path = Path(run_dir) / FILENAME
     write_bytes_atomic(path, buffer.getvalue())
     return path

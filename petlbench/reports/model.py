@@ -39,6 +39,11 @@ class Cell:
         """True if the cell holds a finite number."""
         return self.value is not None and math.isfinite(self.value)
 
+    @property
+    def finite(self) -> float | None:
+        """The value if it is a finite number, else None."""
+        return self.value if self.value is not None and math.isfinite(self.value) else None
+
 
 @dataclass(frozen=True)
 class Column:
@@ -134,9 +139,9 @@ def highlight(table: Table) -> None:
             if column.better is None:
                 continue
             candidates = [
-                (round(cell.value, column.decimals), cell)
+                (round(value, column.decimals), cell)
                 for row in section.rows
-                if row.ranked and (cell := row.cells.get(column.key)) is not None and cell.has_value
+                if row.ranked and (cell := row.cells.get(column.key)) is not None and (value := cell.finite) is not None
             ]
             for _, cell in candidates:
                 cell.emphasis = ""

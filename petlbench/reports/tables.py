@@ -91,8 +91,9 @@ def _sum_ids(cells: Iterable[Cell]) -> tuple[str, ...]:
 
 def average_cell(cells: Sequence[Cell]) -> Cell:
     """Mean of per-dataset means when every dataset has one; "/" if one ran out of memory; else "—"."""
-    if cells and all(c.has_value for c in cells):
-        value = sum(c.value for c in cells) / len(cells)
+    values = [v for c in cells if (v := c.finite) is not None]
+    if cells and len(values) == len(cells):
+        value = sum(values) / len(cells)
         return Cell(
             f"{value:.2f}",
             value=value,
@@ -129,15 +130,16 @@ def summary_cells(
     params = params_cell(runs)
     mem = memory_cell(runs, budget_mb)
     cells.update(avg=avg, params=params, mem=mem)
-    if avg.has_value and params.has_value:
-        value = ppe(avg.value, params.value / 100.0)
+    avg_value, params_value = avg.finite, params.finite
+    if avg_value is not None and params_value is not None:
+        value = ppe(avg_value, params_value / 100.0)
         cells["ppe"] = Cell(
             f"{value:.2f}",
             value=value,
             n=avg.n,
             status="ok",
             run_ids=_sum_ids([avg, params]),
-            source=f"Avg·exp(−log10(r+1)), r={params.value / 100.0:.6g}",
+            source=f"Avg·exp(−log10(r+1)), r={params_value / 100.0:.6g}",
         )
     else:
         oom = avg.status == "oom"
@@ -145,8 +147,8 @@ def summary_cells(
     ratio, source = (None, "")
     if full is not None:
         ratio, source = memory_ratio(mem, runs, full[0], full[1])
-    if avg.has_value and ratio is not None:
-        value = pme(avg.value, ratio)
+    if avg_value is not None and ratio is not None:
+        value = pme(avg_value, ratio)
         cells["pme"] = Cell(
             f"{value:.2f}",
             value=value,
@@ -310,7 +312,9 @@ def _preload_frame(builders: pd.DataFrame) -> pd.DataFrame:
         seconds = _first_number(run["preload_seconds"], info.get("preload_seconds"), info.get("seconds"))
         images = _first_number(info.get("images"), info.get("num_images"), info.get("n_images"))
         throughput = _first_number(info.get("images_per_s"), images / seconds if images and seconds else None)
-        power = info.get("power") if isinstance(info.get("power"), dict) else {}
+        power = info.get("power")
+        if not isinstance(power, dict):
+            power = {}
         rows.append(
             {
                 "run_id": run["run_id"],

@@ -89,7 +89,7 @@ def run_job(job: dict[str, Any], hooks: Any = None) -> Summary:
     finished, or a second driver, finds it done.
     """
     from petlbench.core.method import BackboneSpec, get_method
-    from petlbench.engine.runner import efficiency_fn
+    from petlbench.engine.runner import run_callbacks
     from petlbench.engine.training import ProgressHooks, run_training
 
     hooks = hooks or ProgressHooks(log=lambda message: print(message, flush=True))
@@ -116,8 +116,7 @@ def run_job(job: dict[str, Any], hooks: Any = None) -> Summary:
         backbone = BackboneSpec(**job["backbone"])
     except Exception as err:  # noqa: BLE001 - a run that cannot start is recorded as failed; the sweep goes on
         return record_failure(store, job, FAILED, f"{type(err).__name__}: {err}", traceback.format_exc(limit=10))
-    efficiency = efficiency_fn() if job.get("profile", True) else None
-    record = run_training(cfg, method, source, backbone, store, hooks, efficiency)
+    record = run_training(cfg, method, source, backbone, store, hooks, run_callbacks(job.get("profile", True)))
     return summary_of(record)
 
 

@@ -180,12 +180,12 @@ def select_point(cell: CellPlan, load: Callable[[str], dict[str, Any] | None]) -
     for run in cell.search:
         if run.run_id is None:
             return Selection("pending", reason="data missing")
-        record = load(run.run_id)
-        status = (record or {}).get("status")
+        record = load(run.run_id) or {}
+        status = record.get("status")
         if status not in SETTLED:
             return Selection("pending", reason="search runs not finished")
         if status != FINISHED:
-            errors.append(f"{status}: {(record or {}).get('error') or 'no error recorded'}")
+            errors.append(f"{status}: {record.get('error') or 'no error recorded'}")
             continue
         val = (record.get("metrics") or {}).get("val_auc")
         score = float(val) if isinstance(val, (int, float)) and math.isfinite(val) else -math.inf

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from petlbench.core.method import ATTENTION_CHOICES
+from petlbench.backbones.attention import ATTENTION_CHOICES
 from petlbench.core.yamlfile import read_yaml
 
 EMBEDDED = "embedded"  # dataset name meaning the embedded synthetic dataset (`petlbench run` without --dataset)
