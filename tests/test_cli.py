@@ -46,7 +46,7 @@ def test_params_json_keys_on_tiny_vit() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--methods", "lorra"], "unknown method(s) lorra; known methods: full_ft"),
+        (["--methods", "lorra"], "unknown method 'lorra'. Did you mean lora"),
         (["--methods", "lora", "--res", "30"], "not divisible by the patch size 16"),
         (["--methods", "lora", "--dataset", "/nonexistent/folder"], "/nonexistent/folder"),
         (["--methods", "lora", "--opt", "lora.rank=8"], "unknown option lora.rank; valid options: lora.r"),

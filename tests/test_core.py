@@ -14,7 +14,7 @@ import torch
 from petlbench.backbones.classifier import BackboneClassifier
 from petlbench.backbones.vit import create_backbone
 from petlbench.core.config import RunConfig
-from petlbench.core.method import BuildContext, Method
+from petlbench.core.method import METHODS, BuildContext, Method, register_method
 from petlbench.core.options import OptionError, build_options, option, parse_opt_flags
 from petlbench.core.registry import Registry, RegistryError
 from petlbench.core.results import FAILED, FINISHED, RUNNING, ResultStore
@@ -171,13 +171,14 @@ def test_denormals_are_flushed_inside_the_training_loop(tmp_path) -> None:
             methods="linear_probe", backbone="test_vit", res=32, epochs=1, batch_size=4, results=tmp_path, profile=False
         )
     )
-    probe = _DenormalProbe()
+    probe = register_method(_DenormalProbe)()
     cfg = dataclasses.replace(resolved.configs[0][1], method=probe.key)
     resolved.configs = [(probe, cfg)]
     try:
         (record,) = execute(resolved, ResultStore(tmp_path), profile=False)
     finally:
         torch.set_flush_denormal(False)
+        METHODS.unregister(probe.key)
     assert record["status"] == FINISHED, record.get("error")
     assert _DenormalProbe.model is not None and len(_DenormalProbe.model.flushed) > 2
     assert all(_DenormalProbe.model.flushed)

@@ -12,11 +12,12 @@ err_console = Console(stderr=True, highlight=False)
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the request is wrong": shown as one clear message, exit code 2."""
     from petlbench.backbones.vit import BackboneError
+    from petlbench.core.config import ConfigError
     from petlbench.core.options import OptionError
     from petlbench.core.registry import RegistryError
     from petlbench.engine.runner import RunRequestError
 
-    errors: list[type[BaseException]] = [BackboneError, OptionError, RegistryError, RunRequestError]
+    errors: list[type[BaseException]] = [BackboneError, ConfigError, OptionError, RegistryError, RunRequestError]
     try:
         from petlbench.data.discover import DatasetError
 

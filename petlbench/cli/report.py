@@ -49,7 +49,7 @@ def plot_memory(
 ) -> None:
     """Figure 2 from the memory estimator: training memory against resolution per method (no GPU needed)."""
     from petlbench.cli.common import console, fail, user_errors
-    from petlbench.engine.runner import parse_methods
+    from petlbench.core.method import parse_method_keys
     from petlbench.reports.build import memory_estimate_figure, parse_gpu_mem
 
     try:
@@ -68,7 +68,7 @@ def plot_memory(
         fail(f"the memory estimator is not available in this install ({err})")
     started = time.perf_counter()
     try:
-        keys = parse_methods(methods)
+        keys = parse_method_keys(methods)
         paths = memory_estimate_figure(keys, backbone, resolutions, batch_size, gpu_mem, out)
     except user_errors() as err:
         fail(str(err))

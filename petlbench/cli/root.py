@@ -202,13 +202,12 @@ def params(
 ) -> None:
     """Trainable and total parameter counts and their ratio (%) for every method (Table I's Params)."""
     from petlbench.backbones.vit import check_resolution
-    from petlbench.core.method import BackboneSpec
+    from petlbench.core.method import BackboneSpec, parse_method_keys
     from petlbench.core.options import parse_opt_flags
     from petlbench.engine.params import param_row
-    from petlbench.engine.runner import parse_methods
 
     try:
-        keys = parse_methods(methods)
+        keys = parse_method_keys(methods)
         overrides = parse_opt_flags(opt)
         check_resolution(backbone, res)
         rows = [param_row(k, BackboneSpec(backbone), res, num_classes, overrides.get(k)) for k in keys]

@@ -5,9 +5,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from petlbench.core.method import BackboneSpec, Method
 
 # Training protocol of the papers (methods spec §6.1); the CLI and sweeps override these.
 PAPER_EPOCHS = 20
@@ -17,7 +22,44 @@ PAPER_WEIGHT_DECAY = 0.1
 GRAD_CLIP_NORM = 1.0
 
 # Fields that do not change what a run computes and so stay out of its id.
-_NOT_IDENTITY = {"num_workers", "dataset_path"}
+_NOT_IDENTITY = {"num_workers", "dataset_path", "weights_path"}
+
+Amp = Literal["none", "bf16"]
+Attention = Literal["auto", "fused", "explicit"]
+
+
+class ConfigError(ValueError):
+    """A run configuration value out of its range; the message names the flag."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_run_values(**values: Any) -> None:
+    """Raise `ConfigError` for the first value out of range (None means "not given" and is skipped).
+
+    The one place the ranges live: `RunConfig` checks itself with it, and `run`/`sweep` check flags with it before
+    any work starts.
+    """
+    at_least = {"epochs": 1, "batch_size": 1, "res": 1, "seed": 0, "num_workers": 0}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name in at_least and (isinstance(value, bool) or not isinstance(value, int) or value < at_least[name]):
+            raise ConfigError(f"{_flag(name)} {value!r}: must be a whole number >= {at_least[name]}")
+        if name == "lr" and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"--lr {value!r}: must be a finite number > 0 (e.g. 1e-3)")
+        if name in ("weight_decay", "grad_clip") and not (
+            isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+        ):
+            raise ConfigError(f"{_flag(name)} {value!r}: must be a finite number >= 0")
+        if name == "amp" and value not in ("none", "bf16"):
+            raise ConfigError(f"--amp {value!r}: use none or bf16")
+        if name == "attention" and value not in ("auto", "fused", "explicit"):
+            raise ConfigError(f"--attention {value!r}: use auto, fused or explicit")
+        if name == "device" and not re.fullmatch(r"cpu|cuda(:\d+)?", str(value)):
+            raise ConfigError(f"--device {value!r}: use cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
@@ -37,12 +79,48 @@ class RunConfig:
     seed: int = 0
     method_options: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
-    amp: str = "none"  # "none" or "bf16" (CUDA only)
-    attention: str = "auto"
+    amp: Amp = "none"  # bf16 autocast on CUDA only
+    attention: Attention = "auto"
     grad_clip: float = GRAD_CLIP_NORM
     skip_bad_images: bool = False
     dataset_path: str = ""
     num_workers: int = 0
+    weights_path: str = ""  # where the weights file named by `weights` was read (not part of the id)
+
+    def __post_init__(self) -> None:
+        check_run_values(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            res=self.res,
+            seed=self.seed,
+            num_workers=self.num_workers,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
+            amp=self.amp,
+            attention=self.attention,
+            device=self.device,
+        )
+
+    def backbone_spec(self) -> BackboneSpec:
+        """The backbone this run trains on, rebuilt from the configuration."""
+        from petlbench.core.method import BackboneSpec
+
+        return BackboneSpec(
+            self.backbone, pretrained=self.weights == "timm-pretrained", weights=self.weights_path or None
+        )
+
+    def build_method(self) -> Method:
+        """The method with this run's options; raises if this petlbench resolves them differently."""
+        from petlbench.core.method import get_method
+
+        method = get_method(self.method).from_overrides(self.method_options)
+        if method.resolved_options() != self.method_options:
+            raise ConfigError(
+                f"{self.method} options {self.method_options} resolve to {method.resolved_options()} here: "
+                "this petlbench differs from the one that planned the run"
+            )
+        return method
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly copy."""

@@ -15,7 +15,7 @@ The engine applies the run's attention kernel to every model it builds (`build_m
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -231,6 +231,19 @@ def method_keys() -> list[str]:
     """All known method keys (built-ins and plugins), ordered by each class's `rank`, then key."""
     load_plugins()
     return sorted(METHODS.names(), key=lambda key: (METHODS.get(key).rank, key))
+
+
+def parse_method_keys(methods: str | Sequence[str]) -> list[str]:
+    """'all' (every registered method, in rank order) or comma-separated / listed keys, validated, duplicates
+    dropped; an unknown key raises `RegistryError` with suggestions."""
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    methods = list(methods)
+    if methods == ["all"]:
+        return method_keys()
+    for key in methods:
+        get_method(key)
+    return list(dict.fromkeys(methods))
 
 
 def builtin_method_modules() -> list[str]:

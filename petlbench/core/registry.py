@@ -48,6 +48,13 @@ class Registry(Generic[T]):
         self._lazy[name] = target
         self._order.append(name)
 
+    def unregister(self, name: str) -> None:
+        """Forget `name` (tests and interactive sessions that register throw-away components)."""
+        self._objects.pop(name, None)
+        self._lazy.pop(name, None)
+        if name in self._order:
+            self._order.remove(name)
+
     def names(self) -> list[str]:
         """All registered names, in registration order."""
         return list(self._order)

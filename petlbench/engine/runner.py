@@ -18,9 +18,10 @@ from petlbench.core.config import (
     PAPER_LR,
     PAPER_WEIGHT_DECAY,
     RunConfig,
+    check_run_values,
     file_digest,
 )
-from petlbench.core.method import BackboneSpec, Method, get_method, method_keys
+from petlbench.core.method import BackboneSpec, Method, get_method, method_keys, parse_method_keys
 from petlbench.core.options import OptionError, parse_opt_flags
 from petlbench.core.results import FINISHED, ResultStore
 from petlbench.data.source import DatasetSource
@@ -74,19 +75,6 @@ class ResolvedRun:
     notes: list[str] = field(default_factory=list)
 
 
-def parse_methods(methods: Sequence[str] | str) -> list[str]:
-    """'all' or comma-separated keys -> validated key list (unknown keys raise, listing the known ones)."""
-    known = method_keys()
-    if isinstance(methods, str):
-        methods = [m.strip() for m in methods.split(",") if m.strip()]
-    if list(methods) == ["all"]:
-        return known
-    unknown = [m for m in methods if m not in known]
-    if unknown:
-        raise RunRequestError(f"unknown method(s) {', '.join(unknown)}; known methods: {', '.join(known)}")
-    return list(dict.fromkeys(methods))
-
-
 def build_methods(keys: list[str], opts: Sequence[str]) -> list[Method]:
     """Instantiate methods with their `--opt` overrides; options for methods not run are still validated."""
     try:
@@ -117,7 +105,19 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
     """Apply defaults (embedded dataset, tiny ViT without a GPU), validate, and expand into run configs."""
     from petlbench.data.discover import open_dataset
 
-    keys = parse_methods(request.methods)
+    check_run_values(
+        epochs=request.epochs,
+        batch_size=request.batch_size,
+        res=request.res,
+        lr=request.lr,
+        weight_decay=request.weight_decay,
+        num_workers=request.workers,
+        amp=request.amp,
+        attention=request.attention,
+    )
+    for seed in request.seeds:
+        check_run_values(seed=seed)
+    keys = parse_method_keys(request.methods)
     methods = build_methods(keys, request.opts)
     notes: list[str] = []
     embedded = request.dataset is None
@@ -150,8 +150,11 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
         log=log,
     )
     card_lr = _card_lr(request.dataset)
-    epochs = request.epochs or (EMBEDDED_EPOCHS if embedded and not has_gpu else PAPER_EPOCHS)
-    batch_size = request.batch_size or (EMBEDDED_BATCH_SIZE if embedded and not has_gpu else PAPER_BATCH_SIZE)
+    small = embedded and not has_gpu
+    epochs = request.epochs if request.epochs is not None else (EMBEDDED_EPOCHS if small else PAPER_EPOCHS)
+    batch_size = (
+        request.batch_size if request.batch_size is not None else (EMBEDDED_BATCH_SIZE if small else PAPER_BATCH_SIZE)
+    )
     lr = request.lr if request.lr is not None else (card_lr or PAPER_LR)
     weight_decay = request.weight_decay if request.weight_decay is not None else PAPER_WEIGHT_DECAY
     from petlbench.core.environment import resolve_device
@@ -182,6 +185,7 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
                 skip_bad_images=request.skip_bad_images,
                 dataset_path=str(source.root),
                 num_workers=request.workers,
+                weights_path=str(Path(request.weights).resolve()) if request.weights else "",
             )
             configs.append((method, cfg))
     return ResolvedRun(methods, source, backbone, configs, notes)
@@ -218,7 +222,7 @@ def execute(
             records.append(store.load(cfg.run_id))
             continue
         on_run(i, len(resolved.configs), cfg, "running")
-        record = run_training(cfg, method, resolved.source, resolved.backbone, store, hooks, run_callbacks(profile))
+        record = run_training(cfg, resolved.source, store, hooks, run_callbacks(profile))
         on_run(i + 1, len(resolved.configs), cfg, record["status"])
         records.append(record)
     return records

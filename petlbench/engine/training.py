@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from petlbench.backbones.attention import describe_attention
 from petlbench.core.config import RunConfig
 from petlbench.core.environment import environment, resolve_device
-from petlbench.core.method import BackboneSpec, BuildContext, Method, PetlModel, build_model
+from petlbench.core.method import BackboneSpec, BuildContext, Method, PetlModel, build_model, get_method
 from petlbench.core.results import FAILED, FINISHED, OOM, ResultStore, utc_now
 from petlbench.data.source import DatasetSource
 from petlbench.data.views import ViewDataset
@@ -215,21 +215,20 @@ def build_loaders(splits: dict[str, Any], batch_size: int, seed: int, workers: i
 
 def run_training(
     cfg: RunConfig,
-    method: Method,
     source: DatasetSource,
-    backbone: BackboneSpec,
     store: ResultStore,
     hooks: ProgressHooks | None = None,
     callbacks: RunCallback | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate one configuration; returns the stored record whatever the outcome.
+    """Train and evaluate one configuration (the method and backbone are rebuilt from it); returns the stored
+    record whatever the outcome.
 
     `callbacks` observe the run (measurement, figure data) and contribute to the record's `efficiency` section.
     """
     hooks = hooks or ProgressHooks()
 
     device = resolve_device(cfg.device)
-    record = store.mark_running(cfg.run_id, cfg.to_dict(), method.display_name)
+    record = store.mark_running(cfg.run_id, cfg.to_dict(), get_method(cfg.method).display_name)
     record["environment"] = environment(device)
     record["dataset"] = {
         "name": source.name,
@@ -244,6 +243,7 @@ def run_training(
     }
     started = time.perf_counter()
     try:
+        method, backbone = cfg.build_method(), cfg.backbone_spec()
         record.update(_train_and_test(cfg, method, source, backbone, store, device, hooks, callbacks or RunCallback()))
         record["status"] = FINISHED
     except KeyboardInterrupt:

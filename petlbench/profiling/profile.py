@@ -29,7 +29,7 @@ from petlbench.core.method import (
     PetlModel,
     build_model,
     get_method,
-    method_keys,
+    parse_method_keys,
 )
 from petlbench.engine.step import TrainStep, make_optimizer
 from petlbench.profiling.flops import (
@@ -56,18 +56,6 @@ _FWD_MEMO: dict[tuple[Any, ...], dict[str, Any]] = {}
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def parse_method_keys(methods: str | Sequence[str]) -> list[str]:
-    """'all' (every registered method, papers' order) or comma-separated / listed keys, validated."""
-    if isinstance(methods, str):
-        methods = [m.strip() for m in methods.split(",") if m.strip()]
-    methods = list(methods)
-    if methods == ["all"]:
-        return method_keys()
-    for key in methods:
-        get_method(key)  # unknown keys raise with suggestions
-    return list(dict.fromkeys(methods))
-
-
 def make_method(key: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> Method:
     """Method `key` with its `--opt` overrides from `options[key]`."""
     return get_method(key).from_overrides(dict((options or {}).get(key, {})))

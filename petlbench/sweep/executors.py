@@ -9,7 +9,6 @@ mid-run is retried (bounded by `max_retries`) and, when retries run out, recorde
 from __future__ import annotations
 
 import concurrent.futures as cf
-import dataclasses
 import multiprocessing
 import os
 import time
@@ -88,7 +87,6 @@ def run_job(job: dict[str, Any], hooks: Any = None) -> Summary:
     A run that already finished is not redone (unless the job says `force`): a retried task whose first attempt
     finished, or a second driver, finds it done.
     """
-    from petlbench.core.method import BackboneSpec, get_method
     from petlbench.engine.runner import run_callbacks
     from petlbench.engine.training import ProgressHooks, run_training
 
@@ -100,8 +98,7 @@ def run_job(job: dict[str, Any], hooks: Any = None) -> Summary:
             return summary_of(record)
     try:
         cfg = RunConfig.from_dict(job["config"])
-        method = get_method(cfg.method).from_overrides(job["options"])
-        cfg = dataclasses.replace(cfg, method_options=method.resolved_options())
+        cfg.build_method()  # raises if this worker's petlbench resolves the method's options differently
         if cfg.run_id != job["run_id"]:
             raise RuntimeError(
                 f"this worker resolves the run to {cfg.run_id}, not {job['run_id']}: its petlbench or method "
@@ -113,10 +110,9 @@ def run_job(job: dict[str, Any], hooks: Any = None) -> Summary:
                 f"the data at {source.root} changed since the sweep was planned (fingerprint "
                 f"{source.fingerprint()} != {cfg.dataset_fingerprint}); re-run the sweep to plan it again"
             )
-        backbone = BackboneSpec(**job["backbone"])
     except Exception as err:  # noqa: BLE001 - a run that cannot start is recorded as failed; the sweep goes on
         return record_failure(store, job, FAILED, f"{type(err).__name__}: {err}", traceback.format_exc(limit=10))
-    record = run_training(cfg, method, source, backbone, store, hooks, run_callbacks(job.get("profile", True)))
+    record = run_training(cfg, source, store, hooks, run_callbacks(job.get("profile", True)))
     return summary_of(record)
 
 
