@@ -24,14 +24,15 @@ setup-dev: $(DEV_STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Exactly the lock (no resolution), then petlbench itself with the locked setuptools (no build isolation).
+# Exactly the lock (no resolution), then petlbench itself with the locked setuptools (no build isolation). -qq: pip
+# would otherwise list every package missing from this machine's extra file:// indexes, which says nothing about us.
 $(RUN_STAMP): requirements.lock pyproject.toml | $(PY)
-	$(PIP) install --quiet --no-deps --require-hashes -r requirements.lock
+	$(PIP) install -qq --no-deps --require-hashes -r requirements.lock
 	$(PIP) install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 $(DEV_STAMP): requirements-dev.lock pyproject.toml | $(PY)
-	$(PIP) install --quiet --no-deps --require-hashes -r requirements-dev.lock
+	$(PIP) install -qq --no-deps --require-hashes -r requirements-dev.lock
 	$(PIP) install --quiet --no-deps --no-build-isolation -e .
 	touch $@ $(RUN_STAMP)
 

@@ -10,6 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from petlbench.cli import app
+from petlbench.core.record import record_problems
 
 runner = CliRunner()
 TINY = ["--backbone", "test_vit", "--res", "32", "--epochs", "1", "--batch-size", "4"]
@@ -56,6 +57,38 @@ def test_clear_errors(tmp_path: Path, args: list[str], message: str) -> None:
     result = invoke("run", "--results", str(tmp_path), "--backbone", "test_vit", *args)
     assert result.exit_code == 2
     assert message in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs", "0"], "--epochs 0: must be a whole number >= 1"),
+        (["--batch-size", "0"], "--batch-size 0: must be a whole number >= 1"),
+        (["--epochs", "-2"], "--epochs -2: must be a whole number >= 1"),
+        (["--lr", "-1"], "--lr -1.0: must be a finite number > 0"),
+        (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
+        (["--weight-decay", "-0.1"], "--weight-decay -0.1: must be a finite number >= 0"),
+        (["--seeds", "-1"], "--seeds -1: must be a whole number >= 0"),
+    ],
+)
+def test_out_of_range_values_exit_2_before_any_work(tmp_path: Path, args: list[str], message: str) -> None:
+    results = tmp_path / "results"
+    result = invoke("run", "--methods", "lora", "--results", str(results), "--backbone", "test_vit", *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not results.exists()  # nothing was opened, split or trained
+
+
+@pytest.mark.slow
+def test_attention_flag_builds_and_records_the_kernel_for_every_method(tmp_path: Path) -> None:
+    """`--attention explicit` reaches the baselines' models too, and the record says the same thing twice."""
+    result = invoke("run", "--methods", "lora,full_ft", "--attention", "explicit", "--results", str(tmp_path), *TINY)
+    assert result.exit_code == 0, result.output
+    for row in (json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()):
+        record = json.loads((tmp_path / row["run_id"] / "result.json").read_text())
+        assert record["config"]["attention"] == "explicit"
+        assert record["efficiency"]["other"]["attention"] == "explicit"
+        assert record_problems(record) == []  # a finished record matches the declared schema
 
 
 @pytest.mark.slow
@@ -131,7 +164,7 @@ def test_same_seed_same_history_whether_cache_is_built_or_reused(tmp_path: Path)
         (row,) = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
         record = json.loads((tmp_path / row["run_id"] / "result.json").read_text())
         histories.append([(h["train_loss"], h["val_auc"]) for h in record["history"]])
-        reused = record["efficiency"]["preload"]["cache_reused"]
+        reused = record["efficiency"]["prepare"]["info"]["cache_reused"]
     assert reused is True
     assert histories[0] == histories[1]
 

@@ -175,7 +175,7 @@ def test_denormals_are_flushed_inside_the_training_loop(tmp_path) -> None:
     cfg = dataclasses.replace(resolved.configs[0][1], method=probe.key)
     resolved.configs = [(probe, cfg)]
     try:
-        (record,) = execute(resolved, ResultStore(tmp_path), profile=False)
+        (record,) = execute(resolved, ResultStore(tmp_path))
     finally:
         torch.set_flush_denormal(False)
         METHODS.unregister(probe.key)

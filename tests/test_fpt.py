@@ -1,4 +1,7 @@
-"""FPT+ and FPT: shapes, frozen LPM, token selection, parameter counts, ablation switches, introspection."""
+"""FPT+ and FPT: shapes, frozen LPM, token selection, parameter counts, ablation switches, introspection.
+
+What every method must do (freezing, steps, state dicts, attention, memory estimate) is in test_contract.py.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import pytest
 import torch
 from conftest import run_prepare
 from PIL import Image
+from test_contract import CASES
 from torch.utils.data import default_collate
 
 from petlbench.core.method import BackboneSpec, BuildContext, View, get_method
@@ -229,17 +233,16 @@ def test_parameter_counts_tiny_match_closed_form(key: str) -> None:
     assert model.param_report() == closed_form(key, 64, 6, 3, 16, LPM_RES, SIDE_RES, 4, 3, 4, CLASSES)
 
 
-@pytest.mark.slow
-def test_parameter_counts_vit_b_512() -> None:
+def test_parameter_counts_vit_b_512_match_closed_form_and_case_table() -> None:
+    """The class docstrings' closed forms give the counts of the contract tests' case table (built on meta)."""
     ctx = BuildContext(backbone=BackboneSpec("vit_base_patch16_224"), num_classes=5, res=512, log=lambda _: None)
-    plus = FPTPlus().build(ctx)
-    assert plus.param_report() == (900_965, 87_335_525)
+    with torch.device("meta"):
+        plus, fpt = FPTPlus().build(ctx), FPT().build(ctx)
     assert plus.param_report() == closed_form("fpt_plus", 768, 12, 4, 16, 512, 128, 8, 6, 16, 5)
+    assert plus.param_report() == CASES["fpt_plus"].vit_b
     assert plus.side.pos_embed.shape == (1, 65, 96) and plus.lpm.layers == (6, 7, 8, 9, 10, 11)
-    del plus
-    fpt = FPT().build(ctx)
-    assert fpt.param_report() == (1_602_341, 88_036_901)
     assert fpt.param_report() == closed_form("fpt", 768, 12, 4, 16, 512, 224, 8, 12, 16, 5)
+    assert fpt.param_report() == CASES["fpt"].vit_b
     assert fpt.side.pos_embed.shape == (1, 197, 96) and fpt.lpm.layers == tuple(range(12))
 
 

@@ -14,11 +14,12 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from test_contract import CASES
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from petlbench.backbones.vit import create_backbone
-from petlbench.core.method import BackboneSpec, Method, PetlModel
+from petlbench.core.method import BackboneSpec, Method, PetlModel, method_keys
 from petlbench.profiling import (
     FLOPS_UNIT,
     PowerSampler,
@@ -43,18 +44,6 @@ from petlbench.profiling.profile import make_method, parse_mem
 
 torch.set_num_threads(1)
 TINY = BackboneSpec("test_vit")
-ALL_KEYS = [
-    "full_ft",
-    "linear_probe",
-    "vpt",
-    "attention_tuning",
-    "adapter",
-    "bitfit",
-    "lora",
-    "adalora",
-    "fpt",
-    "fpt_plus",
-]
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -310,15 +299,7 @@ def test_meta_engine_equals_fake_engine_and_full_warmup(attention: str, target: 
     assert run("meta", "prime") == reference
 
 
-@pytest.mark.parametrize("key", ALL_KEYS)
-def test_meta_engine_equals_fake_engine_for_every_method(key: str) -> None:
-    """The fast engine (meta tensors + fake-tensor optimizer priming) against the reference (the whole
-    step, twice, on fake tensors) for every registered method: peft wrappers, prompts, FPT's side network."""
-    method = make_method(key)
-    fast = estimate_training_memory(method, TINY, 64, 4)
-    reference = estimate_training_memory(method, TINY, 64, 4, engine="fake", warmup="full")
-    assert fast.peak_bytes == reference.peak_bytes
-    assert fast.breakdown_bytes == reference.breakdown_bytes
+# (meta engine == fake engine for every registered method: test_contract.py)
 
 
 def test_estimator_first_step_and_breakdown() -> None:
@@ -370,7 +351,7 @@ def test_estimator_allocates_no_real_memory() -> None:
 # ----------------------------------------------------------------------------------------- methods
 @pytest.fixture(scope="module")
 def tiny_rows() -> list[dict]:
-    return profile_methods(ALL_KEYS, TINY, 64, 4, num_classes=3)
+    return profile_methods(method_keys(), TINY, 64, 4, num_classes=3)
 
 
 def test_profile_methods_all_methods(tiny_rows: list[dict]) -> None:
@@ -387,7 +368,7 @@ def test_profile_methods_all_methods(tiny_rows: list[dict]) -> None:
         "attention",
     }
     by_key = {r["method"]: r for r in tiny_rows}
-    assert list(by_key) == ALL_KEYS
+    assert list(by_key) == method_keys()
     for row in tiny_rows:
         assert required <= set(row), row["method"]
         assert row["train_step_gflops"] >= row["fwd_gflops"] > 0
@@ -398,8 +379,12 @@ def test_profile_methods_all_methods(tiny_rows: list[dict]) -> None:
     # nothing upstream of the head needs gradients when linear probing: backward ~ head only
     assert by_key["linear_probe"]["bwd_gflops"] < 0.01 * by_key["linear_probe"]["fwd_gflops"]
     assert by_key["full_ft"]["train_step_gflops"] > 2.5 * by_key["full_ft"]["fwd_gflops"]
-    for key in ("fpt", "fpt_plus"):
-        row = by_key[key]
+    # methods that preload (FPT, FPT+: their case rows say so) carry the features and report the one-off work
+    for key, row in by_key.items():
+        preloads = row.get("preload_gflops_per_image") is not None
+        assert key not in CASES or preloads == CASES[key].preloads, key
+        if not preloads:
+            continue
         assert row["est_breakdown_mb"]["preloaded_features"] > 0
         assert row["preload_gflops_per_image"] > 0
         assert row["fwd_gflops_no_preload"] == pytest.approx(row["fwd_gflops"] + row["preload_gflops_per_image"])

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from petlbench.core.config import Attention
+
 # Attention kernels a run can use: timm's fused SDPA, explicit softmax attention, or whatever the model defaults to.
-ATTENTION_CHOICES = ("auto", "fused", "explicit")
+ATTENTION_CHOICES: tuple[Attention, ...] = ("auto", "fused", "explicit")
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -26,7 +28,8 @@ def set_attention(model: nn.Module, attention: str = "auto") -> str:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {attention!r}")
     if attention != "auto":
         for module in attention_modules(model):
-            module.fused_attn = attention == "fused"
+            # setattr: nn.Module's __setattr__ is typed for tensors and modules, and `fused_attn` is a plain bool
+            setattr(module, "fused_attn", attention == "fused")  # noqa: B010
     return describe_attention(model)
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, NoReturn
+
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from petlbench.core.config import Amp, Attention
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -27,7 +32,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Print an error and exit with status 2."""
     # soft_wrap: file paths in the message must stay whole (greppable, copyable); no markup in user text
     err_console.print("[bold red]error:[/bold red] ", end="")
@@ -35,9 +40,19 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def check_attention(attention: str) -> None:
-    """Exit with a clear error unless `attention` names a known attention kernel."""
+def check_attention(attention: str) -> Attention:
+    """`attention` as a known attention kernel; exits with a clear error otherwise."""
     from petlbench.backbones.attention import ATTENTION_CHOICES
 
-    if attention not in ATTENTION_CHOICES:
-        fail(f"--attention {attention!r}: use {', '.join(ATTENTION_CHOICES)}")
+    if attention in ATTENTION_CHOICES:
+        return attention
+    fail(f"--attention {attention!r}: use {', '.join(ATTENTION_CHOICES)}")
+
+
+def check_amp(amp: str) -> Amp:
+    """`amp` as a known autocast mode; exits with a clear error otherwise."""
+    from petlbench.sweep.spec import AMP_CHOICES
+
+    if amp in AMP_CHOICES:
+        return amp
+    fail(f"--amp {amp!r}: use {' or '.join(AMP_CHOICES)}")

@@ -13,7 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from petlbench.cli.common import check_attention, console, err_console, fail, user_errors
+from petlbench.cli.common import check_amp, check_attention, console, err_console, fail, user_errors
 
 app = typer.Typer(
     help="Compare parameter-efficient transfer learning methods (FPT+, FPT, LoRA, ...) on high-resolution images.",
@@ -71,14 +71,14 @@ def run(
     from petlbench.core.results import ResultStore
     from petlbench.engine.runner import RunRequest, execute, resolve, summarise
     from petlbench.engine.training import ProgressHooks
+    from petlbench.reports.callbacks import run_callbacks
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         fail(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2")
-    if amp not in ("none", "bf16"):
-        fail(f"--amp {amp!r}: use none or bf16")
-    check_attention(attention)
+    amp_mode = check_amp(amp)
+    attention_kernel = check_attention(attention)
     request = RunRequest(
         methods=methods,
         dataset=dataset,
@@ -94,8 +94,8 @@ def run(
         seeds=seed_list,
         opts=opt or [],
         device=device,
-        amp=amp,
-        attention=attention,
+        amp=amp_mode,
+        attention=attention_kernel,
         force=force,
         skip_bad_images=skip_bad_images,
         workers=workers,
@@ -132,7 +132,7 @@ def run(
             progress.update(batch_task, completed=done, total=total, visible=True, description=phase)
 
         hooks = ProgressHooks(on_epoch=on_epoch, on_batch=on_batch, log=progress.console.print)
-        records = execute(resolved, store, force=force, hooks=hooks, on_run=on_run)
+        records = execute(resolved, store, force=force, hooks=hooks, on_run=on_run, callbacks=run_callbacks)
         progress.update(runs_task, completed=len(resolved.configs))
     table = Table(title=f"Results ({results}/runs.jsonl)")
     for column in ("method", "trainable params %", "val AUC", "test AUC", "runs"):

@@ -32,8 +32,11 @@ class ConfigError(ValueError):
     """A run configuration value out of its range; the message names the flag."""
 
 
+_FLAGS = {"seed": "--seeds", "num_workers": "--workers"}
+
+
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def check_run_values(**values: Any) -> None:

@@ -9,7 +9,8 @@ A method is one module in `methods/` that defines a `Method` subclass and regist
   to logits and whose hooks cover the rest (extra loss, after-step work, preloading, placement), and which
   describes itself to the profilers (`example_batch`, `one_off_work`, `assume_prepared`).
 
-The engine applies the run's attention kernel to every model it builds (`build_model`); methods do not read it.
+The engine applies the run's attention kernel to every model it builds (`engine.build.build_model`); methods do
+not read it.
 """
 
 from __future__ import annotations
@@ -199,15 +200,6 @@ class Method:
     def resolved_options(self) -> dict[str, Any]:
         """Options as a plain dict (stored in results and hashed into the run id)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self.options).items()}
-
-
-def build_model(method: Method, ctx: BuildContext) -> PetlModel:
-    """`method.build(ctx)` with the run's attention kernel applied to every attention module (the one place it is)."""
-    from petlbench.backbones.attention import set_attention
-
-    model = method.build(ctx)
-    set_attention(model, ctx.attention)
-    return model
 
 
 METHODS: Registry[type[Method]] = Registry("method")

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from petlbench.core.atomic import file_lock, write_json_atomic, write_text_atomic
+from petlbench.core.record import SCHEMA_VERSION, flat_efficiency, upgrade_record
 
-SCHEMA_VERSION = 1
 FINISHED, RUNNING, FAILED, OOM = "finished", "running", "failed", "oom"
 INDEX_NAME = "runs.jsonl"
 
@@ -36,7 +36,7 @@ def summary_row(result: dict[str, Any]) -> dict[str, Any]:
     config = result.get("config", {})
     metrics = result.get("metrics") or {}
     params = result.get("params") or {}
-    eff = result.get("efficiency") or {}
+    eff = flat_efficiency(result.get("efficiency"))
     power = eff.get("power") or {}
     return {
         "run_id": result.get("run_id"),
@@ -98,9 +98,9 @@ class ResultStore:
         return self.run_dir(run_id) / "result.json"
 
     def load(self, run_id: str) -> dict[str, Any] | None:
-        """A run's record, or None if it has none (or an unreadable one)."""
+        """A run's record in the current schema, or None if it has none (or an unreadable one)."""
         try:
-            return json.loads(self.result_path(run_id).read_text())
+            return upgrade_record(json.loads(self.result_path(run_id).read_text()))
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
@@ -128,8 +128,9 @@ class ResultStore:
         return record
 
     def save(self, record: dict[str, Any], update_index: bool = True) -> None:
-        """Write a record atomically and refresh its row in the index (distributed workers skip the
-        index and the driver calls `collect()` once instead of every task rewriting it)."""
+        """Write a record atomically in the current schema and refresh its row in the index (distributed workers
+        skip the index and the driver calls `collect()` once instead of every task rewriting it)."""
+        record.update(upgrade_record(record))
         write_json_atomic(self.result_path(record["run_id"]), record)
         if update_index:
             self._update_index([summary_row(record)])
@@ -139,7 +140,7 @@ class ResultStore:
         found = []
         for path in sorted(self.root.glob("*/result.json")):
             try:
-                found.append(json.loads(path.read_text()))
+                found.append(upgrade_record(json.loads(path.read_text())))
             except json.JSONDecodeError:
                 continue  # a torn file cannot exist (atomic writes), but a hand-edited one might
         return found

@@ -17,6 +17,8 @@ from petlbench.core.config import (
     PAPER_EPOCHS,
     PAPER_LR,
     PAPER_WEIGHT_DECAY,
+    Amp,
+    Attention,
     RunConfig,
     check_run_values,
     file_digest,
@@ -25,7 +27,7 @@ from petlbench.core.method import BackboneSpec, Method, get_method, method_keys,
 from petlbench.core.options import OptionError, parse_opt_flags
 from petlbench.core.results import FINISHED, ResultStore
 from petlbench.data.source import DatasetSource
-from petlbench.engine.callbacks import Callbacks, RunCallback
+from petlbench.engine.callbacks import RunCallback
 from petlbench.engine.metrics import mean_std
 from petlbench.engine.training import ProgressHooks, run_training
 
@@ -56,8 +58,8 @@ class RunRequest:
     seeds: Sequence[int] = (0,)
     opts: Sequence[str] = ()
     device: str = "auto"
-    amp: str = "none"
-    attention: str = "auto"
+    amp: Amp = "none"
+    attention: Attention = "auto"
     force: bool = False
     skip_bad_images: bool = False
     workers: int = 0
@@ -210,30 +212,26 @@ def execute(
     force: bool = False,
     hooks: ProgressHooks | None = None,
     on_run: Callable[[int, int, RunConfig, str], None] = lambda i, n, cfg, status: None,
-    profile: bool = True,
+    callbacks: Callable[[], RunCallback] = RunCallback,
 ) -> list[dict[str, Any]]:
-    """Train every config not already finished (unless `force`); a failure is recorded and the rest go on."""
+    """Train every config not already finished (unless `force`); a failure is recorded and the rest go on.
+
+    `callbacks()` makes the observers of each run (the CLI passes `reports.callbacks.run_callbacks`).
+    """
     hooks = hooks or ProgressHooks()
     records = []
     for i, (method, cfg) in enumerate(resolved.configs):
-        if not force and store.is_finished(cfg.run_id):
+        stored = store.load(cfg.run_id) if not force and store.is_finished(cfg.run_id) else None
+        if stored is not None:
             on_run(i, len(resolved.configs), cfg, "skipped")
             hooks.log(f"skip {method.key} seed {cfg.seed}: already finished ({cfg.run_id})")
-            records.append(store.load(cfg.run_id))
+            records.append(stored)
             continue
         on_run(i, len(resolved.configs), cfg, "running")
-        record = run_training(cfg, resolved.source, store, hooks, run_callbacks(profile))
+        record = run_training(cfg, resolved.source, store, hooks, callbacks())
         on_run(i + 1, len(resolved.configs), cfg, record["status"])
         records.append(record)
     return records
-
-
-def run_callbacks(profile: bool = True) -> RunCallback:
-    """The observers of one run: timing, CUDA peaks and power, the estimator and FLOPs (with `profile`), figure data."""
-    from petlbench.profiling.callbacks import EfficiencyCallback
-    from petlbench.reports.callbacks import IntrospectionCallback
-
-    return Callbacks([EfficiencyCallback(estimate=profile), IntrospectionCallback()])
 
 
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -256,7 +254,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "test_auc": (test_mean, test_std),
                 "finished": len(done),
                 "runs": len(group),
-                "statuses": sorted({r.get("status") for r in group if r.get("status") != FINISHED}),
+                "statuses": sorted({str(r.get("status")) for r in group if r.get("status") != FINISHED}),
             }
         )
     return rows

@@ -68,14 +68,16 @@ def train_step(
     with autocast():
         logits = model(batch)
         loss = loss_fn(logits.float(), batch["label"])
-        extra = model.extra_loss() if hasattr(model, "extra_loss") else None
+        extra_loss = getattr(model, "extra_loss", None)  # PetlModel's hook; plain modules have none
+        extra = extra_loss() if extra_loss is not None else None
         if extra is not None:
             loss = loss + extra
     loss.backward()
     if grad_clip and grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), grad_clip)
     optimizer.step()
-    if hasattr(model, "after_optimizer_step"):
-        model.after_optimizer_step(global_step)
+    after_step = getattr(model, "after_optimizer_step", None)
+    if after_step is not None:
+        after_step(global_step)
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()

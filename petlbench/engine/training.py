@@ -24,10 +24,11 @@ from torch.utils.data import DataLoader
 from petlbench.backbones.attention import describe_attention
 from petlbench.core.config import RunConfig
 from petlbench.core.environment import environment, resolve_device
-from petlbench.core.method import BackboneSpec, BuildContext, Method, PetlModel, build_model, get_method
+from petlbench.core.method import BackboneSpec, BuildContext, Method, PetlModel, get_method
 from petlbench.core.results import FAILED, FINISHED, OOM, ResultStore, utc_now
 from petlbench.data.source import DatasetSource
 from petlbench.data.views import ViewDataset
+from petlbench.engine.build import build_model
 from petlbench.engine.callbacks import RunCallback, RunView
 from petlbench.engine.metrics import classification_metrics
 from petlbench.engine.step import flush_denormals, make_optimizer, train_step

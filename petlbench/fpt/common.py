@@ -334,14 +334,15 @@ class SideTuningMethod(Method):
     def build(self, ctx: BuildContext) -> SideTuningModel:
         """LPM (if used), fusion module and a side ViT of width D/k with the LPM's heads and MLP ratio."""
         o = self.options
+        lpm: FrozenLPM | None = None
         if o.use_lpm:
-            lpm: FrozenLPM | None = self.build_lpm(ctx.backbone, ctx.res)
+            lpm = self.build_lpm(ctx.backbone, ctx.res)
             vit = lpm.vit
         else:
-            lpm = None
             with torch.device("meta"):  # architecture only; nothing is allocated or counted
                 vit = create_backbone(BackboneSpec(name=ctx.backbone.name), ctx.res, num_classes=0)
-        width, heads = int(vit.embed_dim), int(vit.blocks[0].attn.num_heads)
+        first: Any = vit.blocks[0]  # timm Block or a look-alike: the class varies with the model
+        width, heads = int(vit.embed_dim), int(first.attn.num_heads)
         patch = int(vit.patch_embed.patch_size[0])
         if width % o.reduction:
             raise ValueError(f"LPM width {width} is not divisible by reduction={o.reduction}")
@@ -358,9 +359,9 @@ class SideTuningMethod(Method):
             width=side_width,
             depth=side_depth,
             num_heads=heads,
-            mlp_ratio=vit.blocks[0].mlp.fc1.out_features / width,
+            mlp_ratio=first.mlp.fc1.out_features / width,
             num_classes=ctx.num_classes,
-            qkv_bias=vit.blocks[0].attn.qkv.bias is not None,
+            qkv_bias=first.attn.qkv.bias is not None,
         )
         fusion: nn.Module | None = None
         if lpm is not None:
@@ -376,9 +377,10 @@ class SideTuningMethod(Method):
         """One line saying what was built."""
         o = self.options
         side = model.side
+        side_attn: Any = side.blocks[0].attn  # timm Attention (blocks are typed as plain modules)
         text = (
             f"{self.display_name}: side ViT {side.embed_dim}-wide x {len(side.blocks)} blocks at {side_res} px, "
-            f"{side.blocks[0].attn.num_heads} heads"
+            f"{side_attn.num_heads} heads"
         )
         if model.lpm is None:
             return text + "; no LPM (side network alone)"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +37,11 @@ def num_selected_tokens(token_ratio: float | None, num_tokens: int) -> int:
 
 
 def explicit_block_forward(
-    block: Block, x: torch.Tensor, need_attention: bool = True
+    block: nn.Module, x: torch.Tensor, need_attention: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One timm ViT block with attention computed explicitly: (output, k, v, softmax map or None).
 
+    `block` must be a plain timm `Block` with a plain timm `Attention` (TypeError otherwise).
     k and v are `[B, H, N, d]` (qkv bias included, k not scaled); the map is `[B, H, N, N]` when
     `need_attention`, otherwise the block uses the fused kernel and returns None for it.
     """
@@ -49,7 +50,8 @@ def explicit_block_forward(
         raise TypeError(f"FPT/FPT+ need plain timm ViT blocks, got {type(block).__name__}/{type(attn).__name__}")
     batch, tokens, _ = x.shape
     h = block.norm1(x)
-    gate = attn.gate(h).sigmoid() if getattr(attn, "gate", None) is not None else None
+    gate_proj: nn.Module | None = getattr(attn, "gate", None)  # timm versions before the gated option lack it
+    gate = gate_proj(h).sigmoid() if gate_proj is not None else None
     qkv = attn.qkv(h).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
@@ -117,12 +119,14 @@ class FrozenLPM(nn.Module):
     @property
     def num_heads(self) -> int:
         """LPM attention heads H."""
-        return int(self.vit.blocks[0].attn.num_heads)
+        attn: Any = self.vit.blocks[0].attn  # timm Attention or a look-alike: the class varies with the model
+        return int(attn.num_heads)
 
     @property
     def head_dim(self) -> int:
         """LPM head width d."""
-        return int(self.vit.blocks[0].attn.head_dim)
+        attn: Any = self.vit.blocks[0].attn  # timm Attention or a look-alike: the class varies with the model
+        return int(attn.head_dim)
 
     def num_tokens(self, res: int) -> int:
         """Sequence length N (prefix tokens included) for a square `res` input."""

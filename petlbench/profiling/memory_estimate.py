@@ -48,6 +48,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -522,14 +523,15 @@ def estimate_model_memory(
                             replica = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
                             tracker.relabel(replica, "optimizer_state")
                             state_replicas.append(replica)
-            if optimizer_increase is not None and method_hook:
-                _prime_method_state(model, params, tracker)
+            if optimizer_increase is not None and method_hook is not None:
+                _prime_method_state(method_hook, params, tracker)
             if optimizer_increase is not None:
 
                 def step_stub(*_: Any, **__: Any) -> None:
                     at_step["live"], at_step["totals"] = tracker.current, dict(tracker.totals)
 
-                optimizer.step = step_stub  # the measured step reuses the primed step's temporaries
+                # the measured step reuses the primed step's temporaries: an instance attribute shadows the method
+                setattr(optimizer, "step", step_stub)  # noqa: B010 - mypy rejects assigning to a method
             tracker.reset_peak()
             start = tracker.current
             if count_flops:
@@ -557,7 +559,7 @@ def estimate_model_memory(
             peak, peak_totals, phase = tracker.peak, dict(tracker.peak_totals), tracker.peak_phase
         for h in handles:
             h.remove()
-        if method_hook:
+        if method_hook is not None:
             del model.after_optimizer_step
     tracker.closed = True
     if engine == "fake":
@@ -607,11 +609,12 @@ def _batch_size(spec: BatchSpec) -> int:
     return int(spec.entries["label"][0][0]) if "label" in spec.entries else 1
 
 
-def _label_method_hook(model: nn.Module, tracker: LiveStorageTracker) -> bool:
-    """Label what `model.after_optimizer_step` allocates as "method_state" (AdaLoRA's importance scores)."""
+def _label_method_hook(model: nn.Module, tracker: LiveStorageTracker) -> Callable[[int], Any] | None:
+    """Label what `model.after_optimizer_step` allocates as "method_state" (AdaLoRA's importance scores); returns
+    the labelled hook, now the model's `after_optimizer_step`, or None if the model has no such hook."""
     hook = getattr(model, "after_optimizer_step", None)
     if not callable(hook):
-        return False
+        return None
 
     def labelled(global_step: int) -> Any:
         previous = tracker.default_category
@@ -621,17 +624,20 @@ def _label_method_hook(model: nn.Module, tracker: LiveStorageTracker) -> bool:
         finally:
             tracker.default_category = previous
 
-    model.after_optimizer_step = labelled  # instance attribute, removed after the estimate
-    return True
+    # instance attribute, removed after the estimate (setattr: nn.Module's __setattr__ is typed for tensors/modules)
+    setattr(model, "after_optimizer_step", labelled)  # noqa: B010
+    return labelled
 
 
 @torch.no_grad()
-def _prime_method_state(model: nn.Module, params: list[nn.Parameter], tracker: LiveStorageTracker) -> None:
+def _prime_method_state(
+    after_optimizer_step: Callable[[int], Any], params: list[nn.Parameter], tracker: LiveStorageTracker
+) -> None:
     """What the first step's `after_optimizer_step(0)` leaves behind, created on zero gradients (prime mode)."""
     for p in params:
         p.grad = torch.zeros_like(p)
         tracker.relabel(p.grad, "gradients")
-    model.after_optimizer_step(0)
+    after_optimizer_step(0)
     for p in params:
         p.grad = None
 

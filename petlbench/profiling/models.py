@@ -11,13 +11,16 @@ import copy
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from petlbench.core.method import BackboneSpec, BuildContext, Method, PetlModel, build_model
+from petlbench.core.method import BackboneSpec, BuildContext, Method, PetlModel
+from petlbench.engine.build import build_model
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 # Breakdown categories of the memory estimator (the unlabelled remainder is activations + temporaries).
 INPUTS = "inputs"
@@ -53,7 +56,7 @@ def make_context(
     )
 
 
-def build_meta(method: Method, ctx: BuildContext) -> tuple[nn.Module, str]:
+def build_meta(method: Method, ctx: BuildContext) -> tuple[PetlModel, str]:
     """Build `method`'s model with every parameter on the meta device; returns (model, how it was built).
 
     Falls back to a CPU build converted to meta (allocates the weights once, transiently) for a method
@@ -213,31 +216,37 @@ def fakeify(model: nn.Module, fake_mode: Any) -> nn.Module:
     with `torch.empty_strided` under `fake_mode`, which allocates nothing.
     """
     memo: dict[int, torch.Tensor] = {}
+    param_memo: dict[int, nn.Parameter] = {}
     keep_alive: list[torch.Tensor] = []
 
-    def fake_of(t: torch.Tensor, param: bool) -> torch.Tensor:
+    def fake_of(t: torch.Tensor) -> torch.Tensor:
         key = id(t)
         if key not in memo:
             keep_alive.append(t)
             with fake_mode:
-                new = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="cpu")
-            memo[key] = nn.Parameter(new, requires_grad=t.requires_grad) if param else new
+                memo[key] = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="cpu")
         return memo[key]
+
+    def fake_param(p: nn.Parameter) -> nn.Parameter:
+        key = id(p)
+        if key not in param_memo:  # one fake per parameter, so tied weights stay tied
+            param_memo[key] = nn.Parameter(fake_of(p), requires_grad=p.requires_grad)
+        return param_memo[key]
 
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is not None:
-                module._parameters[name] = fake_of(p, True)
+                module._parameters[name] = fake_param(p)
         for name, b in list(module._buffers.items()):
             if b is not None:
-                module._buffers[name] = fake_of(b, False)
+                module._buffers[name] = fake_of(b)
         for name, value in list(vars(module).items()):
             if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.is_meta:
-                setattr(module, name, fake_of(value, False))
+                setattr(module, name, fake_of(value))
     return model
 
 
-def meta_clone(model: nn.Module) -> nn.Module:
+def meta_clone(model: ModuleT) -> ModuleT:
     """A structural copy of a (real) model whose parameters and buffers live on the meta device.
 
     Parameters are substituted through deepcopy's memo, so no parameter data is copied; requires_grad

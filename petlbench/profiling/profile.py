@@ -9,6 +9,7 @@ unavailable measurements are None with a reason, never zeros.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -27,10 +28,10 @@ from petlbench.core.method import (
     Method,
     OneOffWork,
     PetlModel,
-    build_model,
     get_method,
     parse_method_keys,
 )
+from petlbench.engine.build import build_model
 from petlbench.engine.step import TrainStep, make_optimizer
 from petlbench.profiling.flops import (
     FLOPS_RULE,
@@ -228,7 +229,7 @@ def build_real(
     num_classes: int,
     device: torch.device,
     attention: str = "auto",
-) -> tuple[nn.Module, dict[str, torch.Tensor], BatchSpec]:
+) -> tuple[PetlModel, dict[str, torch.Tensor], BatchSpec]:
     """A real (randomly initialised) model placed on `device` and one random batch on it, in the state a
     training run would have (FPT/FPT+ preloaded when their options say so)."""
     ctx = make_context(backbone, res, num_classes, attention, device=device)
@@ -331,7 +332,7 @@ def memory_sweep(
 
 # ----------------------------------------------------------------------------------------- trainer
 def run_efficiency(
-    model: nn.Module,
+    model: PetlModel,
     method: Method,
     ctx: BuildContext,
     batch_size: int,
@@ -350,7 +351,7 @@ def run_efficiency(
     started = time.perf_counter()
     out: dict[str, Any] = {"est_device": str(device)}
 
-    def clone() -> tuple[nn.Module, str]:
+    def clone() -> tuple[PetlModel, str]:
         try:
             return meta_clone(model), "meta clone of the run's model"
         except Exception:  # noqa: BLE001 - fall back to a fresh meta build of the same configuration
@@ -483,7 +484,7 @@ def _bench_rows(
         row["train_images_per_s"] = timing["train_images_per_s"]
         row["median_step_s"] = timing["median_step_s"]
         row["step_seconds"] = timing["step_seconds"]
-        measured = cpu_profiler_peak(lambda m=model, b=batch, o=optimizer: train_step(m, b, o, global_step=99))
+        measured = cpu_profiler_peak(functools.partial(train_step, model, batch, optimizer, global_step=99))
         row["measured_cpu_step_increase_mb"] = measured["peak_bytes"] / MIB
         row["bench_seconds"] = time.perf_counter() - started
         if log is not None:

@@ -9,9 +9,16 @@ import torch
 from torch.utils.data import default_collate
 
 from petlbench.data.loading import load_image
-from petlbench.engine.callbacks import RunCallback, RunView
+from petlbench.engine.callbacks import Callbacks, RunCallback, RunView
 from petlbench.engine.training import to_device
+from petlbench.profiling.callbacks import EfficiencyCallback
 from petlbench.reports.introspection import introspection_arrays, save_introspection
+
+
+def run_callbacks(profile: bool = True) -> RunCallback:
+    """The observers of one run: timing, CUDA peaks and power, the estimator and FLOPs (with `profile`), and the
+    attention maps of figures 6 and 9."""
+    return Callbacks([EfficiencyCallback(estimate=profile), IntrospectionCallback()])
 
 
 class IntrospectionCallback(RunCallback):

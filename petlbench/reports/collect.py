@@ -24,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from petlbench.core.record import flat_efficiency
 from petlbench.core.results import FAILED, FINISHED, RUNNING, ResultStore, summary_row
 from petlbench.core.results import OOM as STATUS_OOM
 from petlbench.engine.metrics import mean_std
@@ -115,7 +116,7 @@ def record_row(record: Mapping[str, Any]) -> dict[str, Any]:
     for key in _NUMERIC:
         row[key] = _num(row.get(key))
     config = record.get("config") or {}
-    eff = record.get("efficiency") or {}
+    eff = flat_efficiency(record.get("efficiency"))
     power = eff.get("power") or {}
     options = config.get("method_options") or {}
     device = (record.get("environment") or {}).get("device")

@@ -87,8 +87,8 @@ def run_job(job: dict[str, Any], hooks: Any = None) -> Summary:
     A run that already finished is not redone (unless the job says `force`): a retried task whose first attempt
     finished, or a second driver, finds it done.
     """
-    from petlbench.engine.runner import run_callbacks
     from petlbench.engine.training import ProgressHooks, run_training
+    from petlbench.reports.callbacks import run_callbacks
 
     hooks = hooks or ProgressHooks(log=lambda message: print(message, flush=True))
     store = ResultStore(job["results"])

@@ -15,9 +15,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from petlbench.backbones.attention import ATTENTION_CHOICES
+from petlbench.core.config import Amp, Attention
 from petlbench.core.yamlfile import read_yaml
 
 EMBEDDED = "embedded"  # dataset name meaning the embedded synthetic dataset (`petlbench run` without --dataset)
@@ -46,7 +47,9 @@ SPEC_KEYS = (
 )
 GRID_KEYS = ("lr", "weight_decay")
 BACKBONE_KEYS = ("name", "pretrained", "weights")
-AMP_CHOICES = ("none", "bf16")
+AMP_CHOICES: tuple[Amp, ...] = ("none", "bf16")
+
+Choice = TypeVar("Choice", bound=str)
 
 
 class SweepSpecError(ValueError):
@@ -97,8 +100,8 @@ class SweepSpec:
     epochs: int | None = None
     batch_size: int | None = None
     device: str = "auto"
-    amp: str = "none"
-    attention: str = "auto"
+    amp: Amp = "none"
+    attention: Attention = "auto"
     workers: int = 0
     skip_bad_images: bool = False
     profile: bool = True
@@ -193,11 +196,12 @@ def _numbers(
     return tuple(out)
 
 
-def _choice(value: Any, key: str, where: _Where, choices: Sequence[str]) -> str:
-    """One of `choices`."""
-    if value not in choices:
-        raise where.fail(key, f"{value!r} is not one of {', '.join(choices)}")
-    return str(value)
+def _choice(value: Any, key: str, where: _Where, choices: Sequence[Choice]) -> Choice:
+    """One of `choices` (typed as the choices are: `Amp`, `Attention`)."""
+    for choice in choices:
+        if value == choice:
+            return choice
+    raise where.fail(key, f"{value!r} is not one of {', '.join(choices)}")
 
 
 def _bool(value: Any, key: str, where: _Where) -> bool:
