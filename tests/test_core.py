@@ -20,7 +20,7 @@ from petlbench.core.registry import Registry, RegistryError
 from petlbench.core.results import FAILED, FINISHED, RUNNING, ResultStore
 from petlbench.engine.metrics import auc_percent, classification_metrics, mean_std
 from petlbench.engine.runner import RunRequest, execute, resolve
-from petlbench.engine.training import cosine_factor
+from petlbench.engine.training import cosine_factor, is_out_of_memory
 
 
 def test_registry_duplicate_unknown_and_lazy() -> None:
@@ -182,3 +182,31 @@ def test_denormals_are_flushed_inside_the_training_loop(tmp_path) -> None:
     assert record["status"] == FINISHED, record.get("error")
     assert _DenormalProbe.model is not None and len(_DenormalProbe.model.flushed) > 2
     assert all(_DenormalProbe.model.flushed)
+
+
+def test_cpu_and_cuda_out_of_memory_are_both_oom() -> None:
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"))
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+@pytest.mark.slow
+def test_history_and_predictions_say_what_was_used(tmp_path) -> None:
+    """History: the lr of each epoch's steps and the task loss without AdaLoRA's regulariser; predictions: every
+    test image's probabilities, from which the stored AUC is recomputed."""
+    request = RunRequest(methods="adalora", backbone="test_vit", res=32, epochs=2, batch_size=4, results=tmp_path)
+    resolved = resolve(request)
+    (record,) = execute(resolved, ResultStore(tmp_path))
+    assert record["status"] == FINISHED, record.get("error")
+    first, second = record["history"]
+    lr = resolved.configs[0][1].lr
+    assert first["lr"] == pytest.approx(lr) and first["lr_last"] < lr and second["lr"] < first["lr"]
+    assert first["train_regulariser"] is not None and first["train_regulariser"] > 0
+    test = record["predictions"]["test"]
+    n_test = len(resolved.source.split("test"))
+    assert len(test["probs"]) == len(test["labels"]) == len(set(test["sample_ids"])) == n_test
+    assert np.allclose(np.sum(test["probs"], axis=1), 1.0, atol=1e-4)
+    recomputed = classification_metrics(np.array(test["labels"]), np.array(test["probs"]))
+    assert recomputed["auc"] == pytest.approx(record["metrics"]["test_auc"], abs=1e-3)
+    assert len(record["predictions"]["val"]["probs"]) == len(resolved.source.split("val"))

@@ -87,6 +87,7 @@ def test_record_problems_name_what_a_status_needs() -> None:
         "no 'efficiency'",
         "no 'environment'",
         "no 'dataset'",
+        "no 'predictions'",
     ]
     assert record_problems({**running, "status": "done"}) == [
         "status 'done' is not one of running, finished, failed, oom"

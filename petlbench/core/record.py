@@ -15,6 +15,7 @@ Schema 2 (this version):
     history       one row per epoch                                             [finished]
     metrics       best epoch, val/test AUC and accuracy, per-split details      [finished]
     efficiency    {"memory", "flops", "time", "power", "prepare", "other"}       [finished]
+    predictions   {"val", "test"}: each {"sample_ids", "labels", "probs"} of the best epoch          [finished]
     batch_size_used                                                             [finished]
     error, traceback                                                            [failed / oom]
 
@@ -58,6 +59,7 @@ class RunRecordDict(TypedDict):
     history: NotRequired[list[dict[str, Any]]]
     metrics: NotRequired[dict[str, Any]]
     efficiency: NotRequired[EfficiencyRecord]
+    predictions: NotRequired[dict[str, dict[str, list[Any]]]]
     batch_size_used: NotRequired[int]
     error: NotRequired[str]
     traceback: NotRequired[str]
@@ -138,7 +140,7 @@ def upgrade_record(record: Mapping[str, Any]) -> dict[str, Any]:
 
 REQUIRED_BY_STATUS = {
     "running": ("run_id", "status", "method_name", "config", "timestamps"),
-    "finished": ("params", "history", "metrics", "efficiency", "environment", "dataset"),
+    "finished": ("params", "history", "metrics", "efficiency", "environment", "dataset", "predictions"),
     "failed": ("error",),
     "oom": ("error",),
 }

@@ -61,17 +61,23 @@ def train_step(
     global_step: int = 0,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    parts: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One optimisation step on `batch` (a dict of views + "label"); returns the detached loss."""
+    """One optimisation step on `batch` (a dict of views + "label"); returns the detached loss (task loss plus the
+    method's regulariser). With `parts`, the detached `task` loss and `regulariser` (if any) are put there."""
     loss_fn = loss_fn or nn.functional.cross_entropy
     flush_denormals()
     with autocast():
         logits = model(batch)
-        loss = loss_fn(logits.float(), batch["label"])
+        loss = task = loss_fn(logits.float(), batch["label"])
         extra_loss = getattr(model, "extra_loss", None)  # PetlModel's hook; plain modules have none
         extra = extra_loss() if extra_loss is not None else None
         if extra is not None:
             loss = loss + extra
+    if parts is not None:
+        parts["task"] = task.detach()
+        if extra is not None:
+            parts["regulariser"] = extra.detach()
     loss.backward()
     if grad_clip and grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), grad_clip)

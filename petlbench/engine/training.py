@@ -54,6 +54,7 @@ class TrainState:
     train_seconds: float = 0.0
     images_trained: int = 0
     global_step: int = 0
+    best_val_predictions: dict[str, Any] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -75,10 +76,11 @@ def preserved_rng() -> Iterator[None]:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """True for CUDA and host out-of-memory errors."""
+    """True for CUDA and host out-of-memory errors (the CPU allocator says "can't allocate memory")."""
     if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    message = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
 
 
 def cosine_factor(step: int, steps_per_epoch: int, epochs: int) -> float:
@@ -124,18 +126,29 @@ def _autocast(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContex
 def evaluate(
     model: PetlModel, loader: DataLoader, device: torch.device, cfg: RunConfig, hooks: ProgressHooks, phase: str
 ) -> dict[str, Any]:
-    """Metrics of `model` on one split (softmax probabilities, AUC x100)."""
+    """Metrics of `model` on one split (softmax probabilities, AUC x100), plus every image's prediction under
+    `predictions`: sample ids, labels and class probabilities in the loader's order."""
     model.eval()
     flush_denormals()
-    labels, probs = [], []
+    labels, probs, indices = [], [], []
     for i, batch in enumerate(loader):
         batch = to_device(batch, device)
         with _autocast(cfg, device):
             logits = model(batch)
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
         labels.append(batch["label"].cpu())
+        indices.append(batch["index"].cpu())
         hooks.on_batch(i + 1, len(loader), phase)
-    return classification_metrics(torch.cat(labels).numpy(), torch.cat(probs).numpy())
+    all_labels, all_probs = torch.cat(labels).numpy(), torch.cat(probs).numpy()
+    metrics = classification_metrics(all_labels, all_probs)
+    samples = getattr(loader.dataset, "samples", None)
+    order = torch.cat(indices).tolist()
+    metrics["predictions"] = {
+        "sample_ids": [samples[i].sample_id for i in order] if samples is not None else order,
+        "labels": all_labels.tolist(),
+        "probs": [[round(float(p), 6) for p in row] for row in all_probs],
+    }
+    return metrics
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -168,10 +181,14 @@ def train_epochs(
         hooks.on_epoch(epoch, cfg.epochs)
         model.train()
         losses: list[float] = []
+        regularisers: list[float] = []
+        lr_first = optimizer.param_groups[0]["lr"]
         epoch_start = time.perf_counter()
         for i, batch in enumerate(loaders["train"]):
             batch = to_device(batch, device)
             callbacks.on_step_start(run)
+            parts: dict[str, torch.Tensor] = {}
+            lr_last = optimizer.param_groups[0]["lr"]
             loss = train_step(
                 model,
                 batch,
@@ -179,6 +196,7 @@ def train_epochs(
                 grad_clip=cfg.grad_clip,
                 global_step=state.global_step,
                 autocast=lambda: _autocast(cfg, device),
+                parts=parts,
             )
             scheduler.step()
             state.global_step += 1
@@ -186,15 +204,19 @@ def train_epochs(
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {i + 1}")
             state.images_trained += int(batch["label"].shape[0])
-            losses.append(float(loss))
+            losses.append(float(parts["task"]))
+            if "regulariser" in parts:
+                regularisers.append(float(parts["regulariser"]))
             hooks.on_batch(i + 1, steps_per_epoch, "train")
         state.train_seconds += time.perf_counter() - epoch_start
         val = evaluate(model, loaders["val"], device, cfg, hooks, "val")
         state.history.append(
             {
                 "epoch": epoch + 1,
-                "train_loss": float(np.mean(losses)) if losses else math.nan,
-                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": float(np.mean(losses)) if losses else math.nan,  # the task loss alone
+                "train_regulariser": float(np.mean(regularisers)) if regularisers else None,
+                "lr": lr_first,  # learning rate of the epoch's first step (cosine, updated every step)
+                "lr_last": lr_last if losses else lr_first,
                 "val_auc": val["auc"],
                 "val_acc": val["acc"],
                 "epoch_train_seconds": time.perf_counter() - epoch_start,
@@ -205,6 +227,7 @@ def train_epochs(
         if val_auc > state.best_val_auc or state.best_epoch < 0:
             state.best_val_auc, state.best_epoch = val_auc, epoch + 1
             state.best_weights = _trainable_state(model)
+            state.best_val_predictions = val["predictions"]
     hooks.on_epoch(cfg.epochs, cfg.epochs)
     return state
 
@@ -314,6 +337,8 @@ def _train_and_test(
     _load_trainable_state(model, state.best_weights)
     best_test = evaluate(model, loaders["test"], device, cfg, hooks, "test")
     callbacks.on_test_end(run)
+    predictions = {"val": state.best_val_predictions, "test": best_test.pop("predictions")}
+    last_test.pop("predictions")
     eff: dict[str, Any] = {"attention": describe_attention(model)}
     eff.update(callbacks.results())
     eff.update(
@@ -340,5 +365,6 @@ def _train_and_test(
             "last_epoch_test": last_test,
         },
         "efficiency": eff,
+        "predictions": predictions,  # best epoch's per-image probabilities (confidence intervals, paired tests)
         "batch_size_used": batch_size,
     }
