@@ -281,3 +281,34 @@ def test_fpt_and_mlp_fusion_caches(tmp_path: Path) -> None:
     batch = default_collate([item])
     with torch.no_grad():
         assert mlp(batch).shape == (1, 2)
+
+
+def test_default_verification_catches_same_size_corruption_and_hashes_once(tmp_path: Path, monkeypatch) -> None:
+    """Overwriting keys.npy and values.npy in place with other bytes of the same size is caught by default; an
+    unchanged cache is hashed once per process; a forced run (`recheck`) hashes it again."""
+    import petlbench.fpt.cache as cache
+
+    source = make_source(tmp_path / "data")
+    first, _, _ = prepare(tmp_path, source)
+    hashed: list[str] = []
+    real = cache._sha256_file
+    monkeypatch.setattr(cache, "_sha256_file", lambda path, *a: hashed.append(Path(path).name) or real(path, *a))
+    again, _, _ = prepare(tmp_path, source)
+    assert again.preload_info["cache_reused"] and hashed == []  # hashed when it was built, unchanged since
+    folder = Path(first.preload_info["cache_path"])
+    for name in ("keys.npy", "values.npy"):
+        data = bytearray((folder / name).read_bytes())
+        data[-64:] = bytes(64)  # same size, other content
+        (folder / name).write_bytes(bytes(data))
+    corrupted, _, ctx = prepare(tmp_path, source)
+    assert not corrupted.preload_info["cache_reused"]
+    assert any("does not match its checksum" in m for m in ctx.messages)
+    hashed.clear()
+    method, model, ctx = build(tmp_path)
+    ctx.recheck = True
+    views = method.views(ctx.res)
+    splits = {
+        n: ViewDataset(source.split(n), views, n == "train", source.mean, source.std) for n in ("train", "val", "test")
+    }
+    run_prepare(model, splits, ctx)
+    assert model.preload_info["cache_reused"] and "keys.npy" in hashed

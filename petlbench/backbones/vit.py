@@ -11,6 +11,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from petlbench.backbones.position import POS_INTERP_CHOICES, use_official_pos_interp
 from petlbench.core.method import BackboneSpec
 
 # The embedded default for machines without data or GPU: timm's tiny registered ViT (patch 16, width 64).
@@ -47,11 +48,18 @@ def _create(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
 
 
 def create_backbone(spec: BackboneSpec, img_size: int, num_classes: int) -> VisionTransformer:
-    """A timm ViT at `img_size` (position table resampled), all dropout off, a fresh head if num_classes > 0."""
+    """A timm ViT taking `img_size` inputs, all dropout off, a fresh head if num_classes > 0.
+
+    The position table is resampled once at build (`spec.pos_interp="timm"`), or kept at the pre-trained size
+    and interpolated on every forward the authors' way (`"official"`, see `backbones.position`).
+    """
     check_resolution(spec.name, img_size)
-    kwargs: dict[str, Any] = dict(
-        img_size=img_size, num_classes=num_classes, drop_rate=0.0, drop_path_rate=0.0, attn_drop_rate=0.0
-    )
+    if spec.pos_interp not in POS_INTERP_CHOICES:
+        raise BackboneError(f"pos_interp {spec.pos_interp!r}: use {' or '.join(POS_INTERP_CHOICES)}")
+    official = spec.pos_interp == "official"
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, drop_rate=0.0, drop_path_rate=0.0, attn_drop_rate=0.0)
+    if not official:
+        kwargs["img_size"] = img_size
     if spec.weights:
         path = Path(spec.weights)
         if not path.is_file():
@@ -73,6 +81,11 @@ def create_backbone(spec: BackboneSpec, img_size: int, num_classes: int) -> Visi
         ) from err
     if not isinstance(model, VisionTransformer):
         raise BackboneError(f"{spec.name} is not a timm VisionTransformer; petlbench supports plain ViTs")
+    if official:
+        try:
+            use_official_pos_interp(model, img_size)
+        except ValueError as err:
+            raise BackboneError(f"{spec.name}: {err}") from None
     if num_classes > 0:
         reset_head(model)
     return model

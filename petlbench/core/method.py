@@ -45,6 +45,7 @@ class BackboneSpec:
     name: str = "vit_base_patch16_224"
     pretrained: bool = False
     weights: str | None = None
+    pos_interp: str = "timm"  # "timm" (resampled once at build) or "official" (the authors' per-forward rule)
 
     @property
     def weights_label(self) -> str:
@@ -66,6 +67,7 @@ class BuildContext:
     cache_dir: Path = Path("results/cache")
     attention: str = "auto"  # applied by `build_model` after `build`, never by the method
     log: Callable[[str], None] = print
+    recheck: bool = False  # the run was forced: verify whatever `prepare_data` reuses in full
 
 
 @dataclass

@@ -17,7 +17,12 @@ token ratio, importance mode, normalisation, storage dtype, and the image set's 
 Crash safety: a cache is built in a hidden temporary sibling folder while holding an exclusive lock,
 every file is fsynced, the manifest is written last, and the folder is renamed into place. A folder
 without a manifest, with a manifest for another configuration, or with a data file of the wrong size
-(truncated) is rejected, removed and rebuilt; `verify="checksum"` also re-hashes every file.
+(truncated) is rejected, removed and rebuilt.
+
+Content verification: the manifest holds every file's sha256, written at build time. By default
+(`verify="first-open"`) a process re-hashes every file the first time it opens a cache, and again whenever a file's
+size, modification time or inode changed since; a file overwritten in place with other bytes of the same size is
+caught there. `verify="checksum"` re-hashes on every open, `verify="size"` only checks sizes.
 """
 
 from __future__ import annotations
@@ -46,7 +51,17 @@ CACHE_FORMAT = 1
 CACHE_SUBDIR = "fpt_features"
 MANIFEST, INDEX = "manifest.json", "index.json"
 BATCH_PREFIX = "lpm_"  # batch keys of preloaded features: lpm_keys, lpm_values, lpm_indices, lpm_tokens
-Verify = Literal["size", "checksum"]
+Verify = Literal["first-open", "size", "checksum"]
+
+# (path, size, mtime_ns, inode) of every file this process has checksummed against its manifest.
+_VERIFIED: set[tuple[str, int, int, int]] = set()
+
+
+def _file_state(path: Path) -> tuple[str, int, int, int]:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
 Log = Callable[[str], None]
 
 
@@ -171,7 +186,7 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
-def open_cache(path: Path, spec: CacheSpec, verify: Verify = "size") -> FeatureStore:
+def open_cache(path: Path, spec: CacheSpec, verify: Verify = "first-open") -> FeatureStore:
     """Validate the cache folder `path` against `spec` and open it; raises CacheError saying why not."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -204,8 +219,11 @@ def open_cache(path: Path, spec: CacheSpec, verify: Verify = "size") -> FeatureS
         size = file_path.stat().st_size
         if size != entry["bytes"]:
             raise CacheError(f"{filename} has {size} bytes, the manifest says {entry['bytes']} (truncated?)")
-        if verify == "checksum" and _sha256_file(file_path) != entry["sha256"]:
-            raise CacheError(f"{filename} does not match its checksum")
+        state = _file_state(file_path)
+        if verify == "checksum" or (verify == "first-open" and state not in _VERIFIED):
+            if _sha256_file(file_path) != entry["sha256"]:
+                raise CacheError(f"{filename} does not match its checksum")
+            _VERIFIED.add(state)
     sample_ids = tuple(json.loads((path / INDEX).read_text()))
     if sample_ids != spec.sample_ids:
         raise CacheError("index lists other samples")
@@ -258,6 +276,7 @@ def build_cache(path: Path, spec: CacheSpec, produce: Producer, log: Log) -> tup
         for file_path in sorted(tmp.iterdir()):
             _fsync_path(file_path)
             files[file_path.name] = {"bytes": file_path.stat().st_size, "sha256": _sha256_file(file_path)}
+        hashed = [(name, _file_state(tmp / name)) for name in files]
         seconds = time.perf_counter() - started
         manifest = {
             "format": CACHE_FORMAT,
@@ -273,6 +292,8 @@ def build_cache(path: Path, spec: CacheSpec, produce: Producer, log: Log) -> tup
         _fsync_path(tmp)
         os.rename(tmp, path)
         _fsync_path(path.parent)
+        # just hashed while writing: the same files (same inode, size and time) need no second pass on open
+        _VERIFIED.update((str((path / name).resolve()), *state[1:]) for name, state in hashed)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -280,7 +301,7 @@ def build_cache(path: Path, spec: CacheSpec, produce: Producer, log: Log) -> tup
 
 
 def ensure_cache(
-    cache_dir: Path, spec: CacheSpec, produce: Producer, log: Log, verify: Verify = "size"
+    cache_dir: Path, spec: CacheSpec, produce: Producer, log: Log, verify: Verify = "first-open"
 ) -> tuple[FeatureStore, dict[str, Any]]:
     """Open the valid cache for `spec` under `cache_dir`, or (re)build it; returns (store, preload info)."""
     root = Path(cache_dir) / CACHE_SUBDIR

@@ -94,8 +94,10 @@ class SideTuningOptions:
     token_selection: bool = option(True, "false = pass all LPM tokens to the fusion")
     preload: bool = option(True, "cache LPM features once before training (false = run the LPM every step)")
     cache_dtype: Literal["float16", "float32"] = option("float16", "storage dtype of preloaded features")
-    cache_verify: Literal["size", "checksum"] = option(
-        "size", "cache validation on open: file sizes, or also sha256 of every file"
+    cache_verify: Literal["first-open", "size", "checksum"] = option(
+        "first-open",
+        "cache validation on open: sha256 of every file the first time a process opens it (default), file sizes "
+        "only, or sha256 on every open",
     )
     fusion_dropout: float = option(0.5, "dropout on the fused side-width tokens")
     preload_batch_size: int = option(16, "images per LPM forward while preloading")
@@ -221,7 +223,16 @@ class SideTuningModel(PetlModel):
         if any(tuple(ds.mean) != tuple(first.mean) or tuple(ds.std) != tuple(first.std) for ds in datasets.values()):
             raise ValueError("splits are normalised differently; one feature cache cannot serve them")
         store, info = self.method.ensure_features(
-            self.lpm, samples, first.mean, first.std, self.res, ctx.backbone, Path(ctx.cache_dir), ctx.log, ctx.device
+            self.lpm,
+            samples,
+            first.mean,
+            first.std,
+            self.res,
+            ctx.backbone,
+            Path(ctx.cache_dir),
+            ctx.log,
+            ctx.device,
+            recheck=ctx.recheck,
         )
         self.preloaded = True
         return Prepared(
@@ -437,8 +448,10 @@ class SideTuningMethod(Method):
         cache_dir: Path,
         log: Log,
         device: torch.device,
+        recheck: bool = False,
     ) -> tuple[FeatureStore, dict[str, Any]]:
-        """Open or build the feature cache of `samples` (deterministic LPM view, no augmentation)."""
+        """Open or build the feature cache of `samples` (deterministic LPM view, no augmentation); `recheck`
+        re-hashes every file of an existing cache whatever `cache_verify` says."""
         from petlbench.data.views import ViewDataset
 
         unique = _unique_samples(samples)
@@ -461,7 +474,7 @@ class SideTuningMethod(Method):
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 
-        return ensure_cache(cache_dir, spec, produce, log, o.cache_verify)
+        return ensure_cache(cache_dir, spec, produce, log, "checksum" if recheck else o.cache_verify)
 
     def preload_samples(
         self,

@@ -44,6 +44,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 FLOPS_UNIT = "GFLOPs per image (1 fused multiply-add = 1 FLOP, fvcore convention)"
+# The papers' "FLOPs (G)" (87.84 G for ViT-B/16 at 512 px) is fvcore's default count, which has no handle for fused
+# attention: it equals petlbench's count without attention's two products. petlbench records both.
+NO_ATTENTION_RULE = (
+    "attention not counted (the papers' convention, fvcore's default on fused attention): the forward count minus "
+    "Q·Kᵀ and P·V (scaled_dot_product_attention and the explicit path's matmuls)"
+)
+# fvcore operator names that only attention produces in petlbench's models (timm ViTs, FPT's fusion, peft adapters).
+ATTENTION_OPERATORS = frozenset({"scaled_dot_product_attention", "matmul", "bmm", "baddbmm"})
+
+
+def attention_macs(by_operator: Mapping[str, int | float]) -> int | float:
+    """Multiply-adds of attention's Q·Kᵀ and P·V in an fvcore per-operator count."""
+    return sum(v for k, v in by_operator.items() if k in ATTENTION_OPERATORS)
+
+
 FLOPS_RULE = (
     "train_step = fvcore forward + FlopCounterMode backward / 2 (measured on the real step), per image; "
     "optimizer update not counted"

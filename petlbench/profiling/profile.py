@@ -34,6 +34,8 @@ from petlbench.core.method import (
 from petlbench.engine.build import build_model
 from petlbench.engine.step import TrainStep, make_optimizer
 from petlbench.profiling.flops import (
+    NO_ATTENTION_RULE,
+    attention_macs,
     FLOPS_RULE,
     FLOPS_UNIT,
     fvcore_forward,
@@ -99,11 +101,17 @@ def _forward_counts(model: PetlModel, spec1: BatchSpec) -> dict[str, Any]:
         "flops_by_operator": {k: to_gflops_per_image(v, 1) for k, v in sorted(fv["by_operator"].items())},
         "flops_skipped_ops": sorted(fv["skipped_ops"]),
         "flops_counter": "fvcore + petlbench handles (attention counted)",
+        "fwd_gflops_no_attention": to_gflops_per_image(fv["total"] - attention_macs(fv["by_operator"]), 1),
+        "flops_no_attention_rule": NO_ATTENTION_RULE,
     }
     work = model.one_off_work()
     if work is not None:
         images = {work.view: torch.zeros(1, 3, work.size, work.size)}
-        out["preload_gflops_per_image"] = to_gflops_per_image(fvcore_forward(_OneOffAdapter(work), images)["total"], 1)
+        one_off = fvcore_forward(_OneOffAdapter(work), images)
+        out["preload_gflops_per_image"] = to_gflops_per_image(one_off["total"], 1)
+        out["preload_gflops_per_image_no_attention"] = to_gflops_per_image(
+            one_off["total"] - attention_macs(one_off["by_operator"]), 1
+        )
     return out
 
 
