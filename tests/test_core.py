@@ -210,3 +210,12 @@ def test_history_and_predictions_say_what_was_used(tmp_path) -> None:
     recomputed = classification_metrics(np.array(test["labels"]), np.array(test["probs"]))
     assert recomputed["auc"] == pytest.approx(record["metrics"]["test_auc"], abs=1e-3)
     assert len(record["predictions"]["val"]["probs"]) == len(resolved.source.split("val"))
+
+
+def test_run_ids_of_earlier_versions_stay_valid() -> None:
+    """Fields added later are left out of the id at their default: a stored run keeps its id (value computed by the
+    first release of petlbench for this configuration)."""
+    cfg = RunConfig(method="lora", dataset="d", dataset_fingerprint="f")
+    assert cfg.run_id == "lora-5d788a617603"
+    assert dataclasses.replace(cfg, pos_interp="official").run_id != cfg.run_id
+    assert dataclasses.replace(cfg, preset="paper", weights_path="/w.pt", num_workers=3).run_id == cfg.run_id

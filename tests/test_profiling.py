@@ -684,4 +684,4 @@ def test_cli_bench_writes_reports(tmp_path) -> None:  # noqa: ANN001
     # oneDNN's convolution scratch (~1 MiB, see test_estimator_is_exact_for_dispatched_tensors)
     for row in rows.values():
         assert 0 <= row["measured_cpu_step_increase_mb"] - row["est_cpu_step_increase_mb"] < 1.5
-    assert "| Full fine-tuning |" in md.read_text()
+    assert f"| {CASES['full_ft'].name} |" in md.read_text()

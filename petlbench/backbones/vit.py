@@ -30,6 +30,13 @@ def patch_size_of(name: str) -> int:
     return int(patch_embed.patch_size[0])
 
 
+def native_parameter_count(name: str) -> int:
+    """Parameters of timm's `name` as pre-trained: native resolution, its own classification head (meta build)."""
+    with torch.device("meta"):
+        model = _create(name, pretrained=False)
+    return sum(p.numel() for p in model.parameters())
+
+
 def check_resolution(name: str, res: int) -> None:
     """Raise a clear error if `res` is not a positive multiple of the backbone's patch size."""
     patch = patch_size_of(name)

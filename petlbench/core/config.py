@@ -22,7 +22,9 @@ PAPER_WEIGHT_DECAY = 0.1
 GRAD_CLIP_NORM = 1.0
 
 # Fields that do not change what a run computes and so stay out of its id.
-_NOT_IDENTITY = {"num_workers", "dataset_path", "weights_path"}
+_NOT_IDENTITY = {"num_workers", "dataset_path", "weights_path", "preset"}
+# Fields added after runs were stored: left out of the id at their default, so earlier run ids stay valid.
+_ADDED_WITH_DEFAULT = {"pos_interp": "timm"}
 
 Amp = Literal["none", "bf16"]
 Attention = Literal["auto", "fused", "explicit"]
@@ -89,6 +91,8 @@ class RunConfig:
     dataset_path: str = ""
     num_workers: int = 0
     weights_path: str = ""  # where the weights file named by `weights` was read (not part of the id)
+    pos_interp: str = "timm"  # position table: resampled once ("timm") or per forward, the authors' way ("official")
+    preset: str = "none"  # the preset that chose defaults (its choices are the fields above; not part of the id)
 
     def __post_init__(self) -> None:
         check_run_values(
@@ -110,7 +114,10 @@ class RunConfig:
         from petlbench.core.method import BackboneSpec
 
         return BackboneSpec(
-            self.backbone, pretrained=self.weights == "timm-pretrained", weights=self.weights_path or None
+            self.backbone,
+            pretrained=self.weights == "timm-pretrained",
+            weights=self.weights_path or None,
+            pos_interp=self.pos_interp,
         )
 
     def build_method(self) -> Method:
@@ -138,7 +145,11 @@ class RunConfig:
     @property
     def run_id(self) -> str:
         """`<method>-<hash>`: identical configs share an id, so finished runs are skipped."""
-        identity = {k: v for k, v in self.to_dict().items() if k not in _NOT_IDENTITY}
+        identity = {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in _NOT_IDENTITY and not (k in _ADDED_WITH_DEFAULT and v == _ADDED_WITH_DEFAULT[k])
+        }
         identity["device"] = self.device.split(":")[0]  # which GPU index ran it does not change the result
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
         return f"{self.method}-{digest}"

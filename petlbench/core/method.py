@@ -19,7 +19,7 @@ import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -28,6 +28,8 @@ from petlbench.core.options import NoOptions, build_options
 from petlbench.core.registry import Registry
 
 Batch = dict[str, Any]
+ParamConvention = Literal["petlbench", "official"]
+PARAM_CONVENTIONS: tuple[ParamConvention, ...] = ("petlbench", "official")
 
 
 @dataclass(frozen=True)
@@ -149,8 +151,13 @@ class PetlModel(nn.Module):
         """Distinct parameters that require grad."""
         return [p for p in _distinct_parameters(self) if p.requires_grad]
 
-    def param_report(self) -> tuple[int, int]:
-        """(trainable, total) element counts under the counting rule (distinct parameters, once each)."""
+    def param_report(self, convention: ParamConvention = "petlbench") -> tuple[int, int]:
+        """(trainable, total) element counts: distinct parameters, once each.
+
+        `petlbench` counts the modules the model holds. `official` counts as the FPT authors' code does: also the
+        frozen parts that code instantiates without using (FPT/FPT+ override this; for a model holding everything
+        it instantiates, both conventions agree).
+        """
         params = list(_distinct_parameters(self))
         trainable = sum(p.numel() for p in params if p.requires_grad)
         return trainable, sum(p.numel() for p in params)
@@ -182,6 +189,8 @@ class Method:
     Options: ClassVar[type] = NoOptions
     # Position in listings and tables (the built-ins follow the papers' Table I); plugins come after them.
     rank: ClassVar[int] = 1000
+    # Option values each named preset (`core.preset`) gives this method unless the user sets them.
+    preset_options: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     def __init__(self, options: Any | None = None) -> None:
         self.options = options if options is not None else self.Options()
