@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from petlbench.data import discover, synthetic
 from petlbench.data.cards import CardError, list_cards, load_card, read_card
@@ -22,8 +26,14 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PETLBENCH_CACHE", str(tmp_path / "user-cache"))
 
 
-def save(path: Path, colour: tuple[int, int, int] = (200, 30, 30), size: int = 8) -> Path:
-    """A tiny RGB PNG."""
+_colours = itertools.count(1)
+
+
+def save(path: Path, colour: tuple[int, int, int] | None = None, size: int = 8) -> Path:
+    """A tiny RGB PNG; without `colour`, one no other call made (identical files are leakage across splits)."""
+    if colour is None:
+        n = next(_colours)
+        colour = (n % 256, n // 256 % 256, 77)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (size, size), colour).save(path)
     return path
@@ -32,7 +42,7 @@ def save(path: Path, colour: tuple[int, int, int] = (200, 30, 30), size: int = 8
 def make_flat(root: Path, per_class: dict[str, int]) -> Path:
     for name, n in per_class.items():
         for i in range(n):
-            save(root / name / f"{name}_{i:03d}.png", (10 * i % 255, 40, 90))
+            save(root / name / f"{name}_{i:03d}.png")
     return root
 
 
@@ -95,13 +105,13 @@ def test_exif_rotated_jpeg_is_upright(tmp_path: Path) -> None:
 
 def test_all_modes_pass_validation_in_a_dataset(tmp_path: Path) -> None:
     root = tmp_path / "modes"
-    for cls in ("a", "b"):
+    for k, cls in enumerate(("a", "b")):  # pixel values differ by class: identical files would leak across splits
         (root / cls).mkdir(parents=True)
-        Image.new("L", (8, 8), 90).save(root / cls / "l.png")
-        Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(root / cls / "i16.png")
-        Image.new("P", (8, 8), 0).save(root / cls / "p.png")
-        Image.new("RGBA", (8, 8), (1, 2, 3, 128)).save(root / cls / "rgba.png")
-        Image.new("RGB", (8, 8), (9, 9, 9)).save(root / cls / "rgb.jpg")
+        Image.new("L", (8, 8), 90 + k).save(root / cls / "l.png")
+        Image.fromarray(np.full((8, 8), 40000 + k, dtype=np.uint16)).save(root / cls / "i16.png")
+        Image.new("P", (8, 8), k).save(root / cls / "p.png")
+        Image.new("RGBA", (8, 8), (1, 2, 3 + k, 128)).save(root / cls / "rgba.png")
+        Image.new("RGB", (8, 8), (9, 9, 9 + 40 * k)).save(root / cls / "rgb.jpg")
     source = open_dataset(root, log=quiet([]))
     assert len(source.samples) == 10 and not source.skipped
 
@@ -305,10 +315,12 @@ def test_empty_class_folder_is_left_out_with_a_warning(tmp_path: Path) -> None:
 
 def test_auto_normalisation_is_mean_of_image_means_and_std_over_pixels(tmp_path: Path) -> None:
     root = tmp_path / "ds"
-    for cls in ("x", "y"):
-        save(root / "train" / cls / "white.png", (255, 255, 255))
-        save(root / "train" / cls / "black.png", (0, 0, 0))
-        save(root / "test" / cls / "grey.png", (100, 100, 100))
+    for cls in ("x", "y"):  # same pixels in both classes, different bytes (a tag): not leakage when val is drawn
+        note = PngInfo()
+        note.add_text("class", cls)
+        for split, name, value in (("train", "white", 255), ("train", "black", 0), ("test", "grey", 100)):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (value,) * 3).save(root / split / cls / f"{name}.png", pnginfo=note)
     source = open_dataset(root, split_dir=tmp_path / "run", log=quiet([]))
     assert source.mean == pytest.approx((0.5, 0.5, 0.5))
     assert source.std == pytest.approx((0.5, 0.5, 0.5))
@@ -479,3 +491,176 @@ def test_card_without_data_says_where_to_get_it(tmp_path: Path, monkeypatch: pyt
     make_flat(tmp_path / "data" / "chncxr", {"normal": 10, "tuberculosis": 10})
     source = open_dataset("CHNCXR", split_dir=tmp_path / "run", log=quiet([]))
     assert source.name == "CHNCXR" and source.mean == (0.6105,) * 3 and source.split_origin == "generated"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Results integrity: leakage, symlinks, labels as written, one class, undecodable names, dataset identity
+
+
+def make_leaky(root: Path) -> Path:
+    """Split folders where test/a/leak.png is a copy of train/a/train_a_0.png and val/ is a copy of train/."""
+    make_split_folders(root, {"train": {"a": 3, "b": 3}, "test": {"a": 2, "b": 2}})
+    shutil.copyfile(root / "train" / "a" / "train_a_0.png", root / "test" / "a" / "leak.png")
+    shutil.copytree(root / "train", root / "val")
+    return root
+
+
+def test_identical_files_across_splits_are_reported_by_check(tmp_path: Path) -> None:
+    root = make_leaky(tmp_path / "ds")
+    report = check_dataset(root)
+    assert not report.ok
+    assert len(report.leaks) == 6  # every training image is also in val, one also in test
+    files = {f["path"]: f["split"] for leak in report.leaks for f in leak["files"]}
+    assert files["test/a/leak.png"] == "test" and files["val/b/train_b_2.png"] == "val"
+    leak = next(g for g in report.leaks if any(f["path"] == "test/a/leak.png" for f in g["files"]))
+    assert {f["path"] for f in leak["files"]} == {"train/a/train_a_0.png", "val/a/train_a_0.png", "test/a/leak.png"}
+    text = report.to_text()
+    assert "test/a/leak.png" in text and "train/a/train_a_0.png" in text and "PROBLEMS FOUND" in text
+    assert json.dumps(report.to_dict())
+    clean = check_dataset(make_split_folders(tmp_path / "clean", {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}}))
+    assert clean.ok and clean.leaks == []
+
+
+def test_leakage_refuses_a_run_unless_allowed(tmp_path: Path) -> None:
+    root = make_leaky(tmp_path / "ds")
+    with pytest.raises(DatasetError) as err:
+        open_dataset(root, log=quiet([]))
+    text = str(err.value)
+    assert "test/a/leak.png" in text and "train/a/train_a_0.png" in text and "val/b/train_b_1.png" in text
+    assert "more than one split" in text and "--allow-leakage" in text and "allow_leakage" in text
+    messages: list[str] = []
+    source = open_dataset(root, allow_leakage=True, log=messages.append)
+    assert source.allow_leakage is True and len(source.leakage) == 6
+    assert any("leak.png" in m for m in messages)
+    assert open_dataset(make_flat(tmp_path / "ok", {"a": 5, "b": 5}), log=quiet([])).allow_leakage is False
+
+
+def test_content_hashes_are_cached_with_the_verdicts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_leaky(tmp_path / "ds")
+    check_dataset(root, split_dir=tmp_path / "run")
+    cache = json.loads((tmp_path / "run" / "image_check.json").read_text())
+    assert all(len(entry[4]) == 64 for entry in cache["files"].values())  # sha256 of the bytes, stored
+    for entry in cache["files"].values():  # a cache from before content hashes: verdicts kept, hashes added
+        del entry[4]
+    cache["version"] = 1
+    (tmp_path / "run" / "image_check.json").write_text(json.dumps(cache))
+    monkeypatch.setattr(discover, "_inspect", lambda p: pytest.fail(f"decoded {p} again"))
+    assert len(check_dataset(root, split_dir=tmp_path / "run").leaks) == 6
+
+
+def test_symlinks_leading_out_of_their_class_folder_are_ignored(tmp_path: Path) -> None:
+    root = make_flat(tmp_path / "ds", {"a": 4, "b": 4})
+    (root / "a" / "up").symlink_to(root, target_is_directory=True)
+    (root / "a" / "to_b").symlink_to(root / "b", target_is_directory=True)
+    (root / "a" / "sub").mkdir()
+    save(root / "a" / "sub" / "deep.png")
+    (root / "a" / "inside").symlink_to(root / "a" / "sub", target_is_directory=True)  # stays in class a: kept
+    messages: list[str] = []
+    source = open_dataset(root, log=messages.append)
+    counts = {c: sum(n[c] for n in source.class_counts().values()) for c in source.classes}
+    assert counts == {"a": 5, "b": 4}
+    assert all("b_" not in s.path.name or source.classes[s.label] == "b" for s in source.samples)
+    warning = next(m for m in messages if "folder symlink" in m)
+    assert str(root / "a" / "up") in warning and str(root / "a" / "to_b") in warning and "inside" not in warning
+    assert any("a/up" in w for w in check_dataset(root).warnings)
+
+
+def test_numeric_looking_labels_are_kept_as_written(tmp_path: Path) -> None:
+    folders = make_flat(tmp_path / "folders", {"1": 5, "01": 5, "2": 5})
+    messages: list[str] = []
+    source = open_dataset(folders, log=messages.append)
+    assert sorted(source.classes) == ["01", "1", "2"]
+    assert any("'01' and '1'" in m for m in messages)  # same number, kept apart: said once
+    root = tmp_path / "m"
+    rows = ["path,label"]
+    for i, label in enumerate(["1", "01", "2", "10"] * 5):
+        save(root / f"{i}.png")
+        rows.append(f"{i}.png,{label}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    manifest = open_dataset(root, log=quiet([]))
+    assert manifest.classes == ["01", "1", "2", "10"]  # numeric order, ties by text
+    assert Counter(manifest.classes[s.label] for s in manifest.samples) == {"1": 5, "01": 5, "2": 5, "10": 5}
+    report = check_dataset(root)
+    assert report.classes == ["01", "1", "2", "10"] and any("'01' and '1'" in w for w in report.warnings)
+
+
+def test_one_class_dataset_is_an_error_in_check_and_refused(tmp_path: Path) -> None:
+    root = make_flat(tmp_path / "one", {"only": 6})
+    report = check_dataset(root)
+    assert not report.ok and any("1 class" in e and "only" in e for e in report.errors)
+    text = report.to_text()
+    assert "ERROR" in text and "only" in text and "PROBLEMS FOUND" in text
+    with pytest.raises(DatasetError, match="at least 2 are needed") as err:
+        open_dataset(root, log=quiet([]))
+    assert "only" in str(err.value) and "class folder" in str(err.value)
+    split = make_split_folders(tmp_path / "split", {"train": {"x": 3}, "test": {"x": 1}})
+    assert not check_dataset(split).ok
+
+
+def test_undecodable_file_name_is_named(tmp_path: Path) -> None:
+    root = make_flat(tmp_path / "ds", {"a": 5, "b": 5})
+    weird = os.fsencode(root / "a") + b"/scan\xff\xfe.png"
+    with open(weird, "wb") as handle:
+        handle.write((root / "a" / "a_000.png").read_bytes()[:-1] + b"\x00")  # any bytes: never decoded
+    with pytest.raises(DatasetError) as err:
+        open_dataset(root, log=quiet([]))
+    text = str(err.value)
+    text.encode("utf-8")  # printable whatever the terminal
+    assert "scan\\xff\\xfe.png" in text and "not valid UTF-8" in text
+    source = open_dataset(root, skip_bad_images=True, log=quiet([]))
+    assert len(source.samples) == 10 and "scan\\xff\\xfe.png" in source.skipped[0]["path"]
+    report = check_dataset(root)
+    assert "scan\\xff\\xfe.png" in report.bad_files[0]["path"]
+    report.to_text().encode("utf-8")
+    json.dumps(report.to_dict(), ensure_ascii=False).encode("utf-8")
+
+
+def test_same_folder_name_elsewhere_gets_its_own_split_cache(tmp_path: Path) -> None:
+    one = make_flat(tmp_path / "x" / "lesions", {"a": 10, "b": 10})
+    two = make_flat(tmp_path / "y" / "lesions", {"a": 10, "b": 12})
+    results = tmp_path / "results"
+    dir_one, dir_two = discover.split_dir_for(results, str(one)), discover.split_dir_for(results, str(two))
+    assert dir_one != dir_two and dir_one.parent == dir_two.parent == results / "datasets"
+    assert dir_one.name.startswith("lesions-") and dir_two.name.startswith("lesions-")
+    assert discover.split_dir_for(results, one) == dir_one  # a Path or a str: the same place
+    (tmp_path / "link").symlink_to(one, target_is_directory=True)
+    assert discover.split_dir_for(results, tmp_path / "link").name.endswith(dir_one.name.split("-")[-1])
+    assert discover.split_dir_for(results, None).name.startswith("synthetic-")
+    first = open_dataset(one, split_dir=dir_one, log=quiet([]))
+    second = open_dataset(two, split_dir=dir_two, log=quiet([]))
+    assert (dir_one / "split.csv").is_file() and (dir_two / "split.csv").is_file()
+    assert len((dir_one / "split.csv").read_text().splitlines()) == 21
+    assert len((dir_two / "split.csv").read_text().splitlines()) == 23
+    assert first.name == second.name == "lesions"
+    assert first.identity != second.identity
+    assert first.identity == f"lesions@{first.fingerprint()}"
+
+
+def test_split_cache_of_a_card_is_keyed_by_its_data_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    results = tmp_path / "results"
+    monkeypatch.setenv("PETLBENCH_DATA_ROOT", str(tmp_path / "one"))
+    first = discover.split_dir_for(results, "chncxr")
+    monkeypatch.setenv("PETLBENCH_DATA_ROOT", str(tmp_path / "two"))
+    second = discover.split_dir_for(results, "chncxr")
+    assert first != second and first.name.startswith("chncxr-")
+    assert not (tmp_path / "one").exists()  # locating writes and generates nothing
+
+
+def test_a_hand_edited_split_in_the_old_shared_folder_is_adopted_only_by_its_own_data(tmp_path: Path) -> None:
+    one = make_flat(tmp_path / "x" / "lesions", {"a": 10, "b": 10})
+    two = make_flat(tmp_path / "y" / "lesions", {"a": 10, "b": 10})
+    results = tmp_path / "results"
+    legacy = results / "datasets" / "lesions"  # where runs kept the split before
+    assert discover.legacy_split_dir(results, str(one)) == legacy
+    open_dataset(one, split_dir=legacy, log=quiet([]))
+    lines = (legacy / "split.csv").read_text().splitlines()
+    edited = [lines[0], lines[1].replace(",train", ",test"), *lines[2:]]
+    (legacy / "split.csv").write_text("\n".join(edited) + "\n")
+    messages: list[str] = []
+    adopted = discover.adopt_legacy_split(results, str(one), log=messages.append)
+    assert adopted == discover.split_dir_for(results, str(one)) and any(str(legacy) in m for m in messages)
+    moved = one / edited[1].split(",")[0]
+    source = open_dataset(one, split_dir=adopted, log=quiet([]))
+    assert next(s for s in source.samples if s.path == moved).split == "test"
+    fresh = discover.adopt_legacy_split(results, str(two), log=quiet([]))  # same name, other data: not adopted
+    assert not fresh.exists()

@@ -7,8 +7,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from petlbench.data.discover import Log, assign_splits, survey
-from petlbench.data.source import SPLITS, DatasetError
+from petlbench.data.discover import (
+    Log,
+    assign_splits,
+    find_leakage,
+    leakage_lines,
+    survey,
+    too_few_classes_message,
+)
+from petlbench.data.source import SPLITS, DatasetError, printable
 
 
 @dataclass
@@ -25,13 +32,14 @@ class CheckReport:
     bad_files: list[dict[str, str]] = field(default_factory=list)  # {path, reason}
     empty_classes: list[str] = field(default_factory=list)  # classes without a single readable image
     missing: dict[str, list[str]] = field(default_factory=dict)  # {split: classes absent from it}
+    leaks: list[dict[str, Any]] = field(default_factory=list)  # identical files in several splits: {sha256, files}
     warnings: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)  # the dataset could not be opened at all
+    errors: list[str] = field(default_factory=list)  # it could not be opened (no `layout`), or cannot be trained on
 
     @property
     def ok(self) -> bool:
-        """No errors, bad files, empty classes or classes missing from a split."""
-        return not (self.errors or self.bad_files or self.empty_classes or any(self.missing.values()))
+        """No errors, bad files, empty classes, classes missing from a split or leakage across splits."""
+        return not (self.errors or self.bad_files or self.empty_classes or any(self.missing.values()) or self.leaks)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for --json), `ok` included."""
@@ -42,7 +50,7 @@ class CheckReport:
     def to_text(self) -> str:
         """A readable report: header, class-count table per split, then every problem."""
         lines = [f"dataset {self.name or self.spec}" + (f" at {self.root}" if self.root else "")]
-        if self.errors:
+        if self.errors and not self.layout:
             lines += [f"ERROR: {e}" for e in self.errors]
             return "\n".join(lines)
         lines.append(f"layout: {self.layout}; split: {self.split_origin}; {len(self.classes)} classes")
@@ -69,6 +77,11 @@ class CheckReport:
         for split in SPLITS:
             if self.missing.get(split):
                 lines.append(f"classes missing from {split}: {', '.join(self.missing[split])}")
+        if self.leaks:
+            lines += ["", f"{len(self.leaks)} image(s) with identical copies in more than one split (leakage):"]
+            lines += [f"  {line}" for line in leakage_lines(self.leaks, limit=len(self.leaks))]
+        if self.errors:
+            lines += ["", *[f"ERROR: {e}" for e in self.errors]]
         if self.warnings:
             lines += ["", *[f"warning: {w}" for w in self.warnings]]
         lines += ["", "OK" if self.ok else "PROBLEMS FOUND"]
@@ -78,7 +91,8 @@ class CheckReport:
 def check_dataset(
     spec: str | Path | None, seed: int = 0, split_dir: Path | None = None, log: Log | None = None
 ) -> CheckReport:
-    """Decode every image of `spec` and report bad files, empty classes, classes missing from a split and counts.
+    """Decode every image of `spec` and report bad files, empty classes, classes missing from a split, fewer than two
+    classes, identical files in more than one split (leakage, with the files) and counts.
 
     Never raises for a dataset problem: a dataset that cannot be opened comes back with `errors` set. A layout
     without an official split is reported with the stratified 70/10/20 split training would draw (`seed`), read
@@ -98,10 +112,10 @@ def check_dataset(
         report.errors.append(str(err))
         return report
     inv = found.inventory
-    report.name, report.root, report.layout = inv.name, str(inv.root), inv.layout
+    report.name, report.root, report.layout = inv.name, printable(inv.root), inv.layout
     report.classes = list(inv.classes)
     report.bad_files = found.bad
-    warnings.extend(inv.notes)
+    warnings.extend(printable(n) for n in inv.notes)
     good = found.good
     per_class = Counter(e.label for e in good)
     report.empty_classes = [c for c in inv.classes if per_class[c] == 0]
@@ -114,6 +128,11 @@ def check_dataset(
         report.missing[split] = [
             c for c in inv.classes if c not in report.empty_classes and report.counts[split][c] == 0
         ]
+    usable = [c for c in inv.classes if per_class[c] > 0]
+    if len(usable) < 2:
+        report.errors.append(too_few_classes_message(inv.root, usable, per_class))
+    report.leaks, duplicate_notes = find_leakage(good, found.checks, splits, inv.root)
+    warnings.extend(duplicate_notes)
     if inv.card is not None and inv.card.num_classes != len(inv.classes):
         warnings.append(f"card {inv.card.key!r} expects {inv.card.num_classes} classes, found {len(inv.classes)}")
     report.warnings = warnings

@@ -8,10 +8,13 @@ Accepted layouts (methods spec §6.6):
   the folder's subfolders); paths are relative to the CSV's folder, labels are class names or integers;
 - class folders ``ROOT/<class>/<image>`` (images may sit in subfolders of a class folder), or a manifest without
   a split column: a stratified 70/10/20 split drawn with a fixed seed, saved to ``split_dir/split.csv`` and
-  reused while the file set is unchanged.
+  reused while the file set is unchanged (``split_dir_for`` gives each data folder its own ``split_dir``).
 
-Every image is decoded once to validate it (``load_image``); the verdict and the image's 128-px channel
-statistics are cached per file, keyed by (path, size, mtime), in ``split_dir`` or the user cache folder.
+Labels are kept as written (``1`` and ``01`` are two classes). Folder symlinks are followed only when they stay
+inside their class folder. Every image is read once: decoded to validate it (``load_image``) and hashed (sha256 of
+its bytes); the verdict, the hash and the image's 128-px channel statistics are cached per file, keyed by (path,
+size, mtime), in ``split_dir`` or the user cache folder. Identical files in more than one split are leakage: opening
+the dataset for a run refuses it unless ``allow_leakage``.
 """
 
 from __future__ import annotations
@@ -39,9 +42,18 @@ from PIL import Image
 from petlbench.core.atomic import write_json_atomic, write_text_atomic
 from petlbench.data.cards import CardError, DatasetCard, load_card
 from petlbench.data.loading import IMAGE_SUFFIXES, BadImageError, load_image
-from petlbench.data.source import SPLITS, DatasetError, DatasetSource, Sample, sample_id_for
+from petlbench.data.source import SPLITS, DatasetError, DatasetSource, Sample, printable, sample_id_for
 
-__all__ = ["DatasetError", "assign_splits", "open_dataset", "survey", "user_cache_dir"]
+__all__ = [
+    "DatasetError",
+    "adopt_legacy_split",
+    "assign_splits",
+    "find_leakage",
+    "open_dataset",
+    "split_dir_for",
+    "survey",
+    "user_cache_dir",
+]
 
 Log = Callable[[str], None]
 
@@ -62,7 +74,8 @@ SPLIT_FILE = "split.csv"
 SPLIT_META = "split.json"
 CHECK_FILE = "image_check.json"
 STATS_FILE = "stats.json"
-CHECK_VERSION = 1
+CHECK_VERSION = 2  # 2: entries [size, mtime_ns, reason, stats, sha256]; version 1 entries (no sha256) still count
+READ_CHECK_VERSIONS = (1, 2)
 # The official "auto" routine resizes to 512 px; 128 px gives nearly the same statistics, 16x cheaper.
 STATS_SIZE = 128
 PATH_COLUMNS = ("path", "file", "filename", "image", "image_path", "filepath")
@@ -105,6 +118,7 @@ class FileCheck:
 
     reason: str | None
     stats: tuple[float, ...] | None = None
+    sha256: str | None = None  # of the file's bytes (leakage across splits)
 
 
 @dataclass
@@ -119,7 +133,7 @@ class Survey:
     def bad(self) -> list[dict[str, str]]:
         """Unusable files as {path, reason}, in inventory order."""
         return [
-            {"path": str(e.path), "reason": self.checks[e.path].reason or ""}
+            {"path": printable(e.path), "reason": self.checks[e.path].reason or ""}
             for e in self.inventory.entries
             if self.checks[e.path].reason is not None
         ]
@@ -203,6 +217,64 @@ def locate(spec: str | Path | None, log: Log) -> tuple[Path, DatasetCard | None]
     return root, card
 
 
+def data_location(spec: str | Path | None) -> Path:
+    """Where the data `spec` names is or would be, found as `locate` does but generating and logging nothing."""
+    if spec is None:
+        from . import synthetic
+
+        return synthetic.data_home() / synthetic.EMBEDDED_NAME
+    path = Path(str(spec)).expanduser()
+    if path.exists() and not (path.suffix.lower() in (".yaml", ".yml") and path.is_file()):
+        return path
+    try:
+        return load_card(path if path.exists() else str(spec)).data_root()
+    except CardError:
+        return path
+
+
+def path_digest(path: Path) -> str:
+    """Short hash of a path made absolute with symlinks resolved: the same data however it is reached."""
+    return hashlib.sha1(str(path.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:10]
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40] or "dataset"
+
+
+def split_dir_for(results: str | Path, spec: str | Path | None) -> Path:
+    """`RESULTS/datasets/<name>-<hash of the data's real path>`: where runs keep `spec`'s split, stats and verdicts.
+
+    Two data folders with the same name get different folders (the old `RESULTS/datasets/<name>` was shared).
+    """
+    name = "synthetic" if spec is None else (Path(str(spec)).name or str(spec))
+    return Path(results) / "datasets" / f"{_slug(name)}-{path_digest(data_location(spec))}"
+
+
+def legacy_split_dir(results: str | Path, spec: str | Path | None) -> Path:
+    """The folder runs used before `split_dir_for`: `RESULTS/datasets/<name>`, shared by all data of that name."""
+    name = "synthetic" if spec is None else (re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(spec)).name or str(spec)))
+    return Path(results) / "datasets" / (name or "dataset")
+
+
+def adopt_legacy_split(results: str | Path, spec: str | Path | None, log: Log = print) -> Path:
+    """`split_dir_for(results, spec)`; a new one first receives the legacy folder's split (a hand edit survives)
+    when that split was saved for this same data (its split.json names this data's real path)."""
+    target = split_dir_for(results, spec)
+    legacy = legacy_split_dir(results, spec)
+    if target.exists() or not (legacy / SPLIT_FILE).is_file():
+        return target
+    location = data_location(spec).resolve()
+    root = location.parent if location.is_file() else location
+    if _read_json(legacy / SPLIT_META).get("root") != str(root):
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (SPLIT_FILE, SPLIT_META, STATS_FILE):
+        with contextlib.suppress(OSError):
+            write_text_atomic(target / name, (legacy / name).read_text(encoding="utf-8"))
+    log(f"note: {printable(target)} starts from the split saved for {printable(root)} in {printable(legacy)}")
+    return target
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Scanning layouts
 
@@ -211,18 +283,33 @@ def _is_hidden(path: Path) -> bool:
     return path.name.startswith(".") or path.name.lower() in JUNK_NAMES
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def _list_images(folder: Path, notes: list[str]) -> list[Path]:
-    """Image files under `folder` (recursively, sorted); other non-hidden files are reported in `notes`."""
+    """Image files under the class folder `folder` (recursively, sorted); other non-hidden files are reported in
+    `notes`, and so are folder symlinks leading out of `folder` (to its parent, another class...), not followed."""
     images: list[Path] = []
     others: list[Path] = []
+    outside: list[str] = []
     visited: set[str] = set()
+    home = os.path.realpath(folder)
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in visited:  # a symlink loop or a folder linked twice
             dirnames[:] = []
             continue
         visited.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(Path(d)))
+        kept = []
+        for d in sorted(d for d in dirnames if not _is_hidden(Path(d))):
+            link = os.path.join(dirpath, d)
+            target = os.path.realpath(link)
+            if os.path.islink(link) and not _inside(target, home):
+                outside.append(f"{printable(link)} -> {printable(target)}")
+            else:
+                kept.append(d)
+        dirnames[:] = kept
         for name in sorted(filenames):
             path = Path(dirpath) / name
             if _is_hidden(path):
@@ -231,8 +318,15 @@ def _list_images(folder: Path, notes: list[str]) -> list[Path]:
     if others:
         example = others[0]
         notes.append(
-            f"ignored {len(others)} file(s) without an image suffix under {folder} (e.g. {example.name}); "
+            f"ignored {len(others)} file(s) without an image suffix under {printable(folder)} (e.g. "
+            f"{printable(example.name)}); "
             f"image suffixes: {', '.join(sorted(IMAGE_SUFFIXES))}"
+        )
+    if outside:
+        notes.append(
+            f"ignored {len(outside)} folder symlink(s) in {printable(folder)} leading out of that class folder (their "
+            f"images would be counted as class {printable(folder.name)}): {'; '.join(outside)}. Link the image files "
+            "themselves, or make the class folder itself the link"
         )
     return images
 
@@ -312,7 +406,7 @@ def _column(fields: list[str], names: tuple[str, ...]) -> str | None:
 
 
 def _scan_manifest(csv_path: Path) -> tuple[list[str], list[Entry]]:
-    """Rows of a manifest as entries; classes sorted by name, or numerically when every label is an integer."""
+    """Rows of a manifest as entries; labels as written, sorted by name, or numerically when all are integers."""
     base = csv_path.parent
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
@@ -358,12 +452,26 @@ def _scan_manifest(csv_path: Path) -> tuple[list[str], list[Entry]]:
     if problems:
         shown = "\n  ".join(problems[:25]) + (f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else "")
         raise DatasetError(f"manifest {csv_path} has {len(problems)} bad row(s):\n  {shown}")
-    if all(re.fullmatch(r"[+-]?\d+", label) for _, label, _ in raw):
-        classes = [str(v) for v in sorted({int(label) for _, label, _ in raw})]
-        raw = [(p, str(int(label)), s) for p, label, s in raw]
+    labels = {label for _, label, _ in raw}
+    if all(re.fullmatch(r"[+-]?\d+", label) for label in labels):  # "1" and "01" stay two classes
+        classes = sorted(labels, key=lambda label: (int(label), label))
     else:
-        classes = sorted({label for _, label, _ in raw})
+        classes = sorted(labels)
     return classes, [Entry(p, label, s) for p, label, s in raw]
+
+
+def _same_number_notes(classes: list[str]) -> list[str]:
+    """A note for every group of class names that read as one integer ('1', '01'): they are kept apart."""
+    groups: dict[int, list[str]] = {}
+    for name in classes:
+        if re.fullmatch(r"\s*[+-]?\d+\s*", name):
+            groups.setdefault(int(name), []).append(name)
+    return [
+        f"classes {' and '.join(repr(printable(n)) for n in sorted(names))} are different labels (kept as written) "
+        "though they read as the same number; rename one if they are meant to be one class"
+        for names in groups.values()
+        if len(names) > 1
+    ]
 
 
 def _read_local_card(root: Path) -> dict[str, Any]:
@@ -404,6 +512,13 @@ def inventory(spec: str | Path | None, log: Log = print) -> Inventory:
         else:
             classes, entries = _scan_class_folders(root, notes)
             layout = "class folders"
+    undecodable = [c for c in classes if printable(c) != c]
+    if undecodable:
+        raise DatasetError(
+            f"{printable(root)}: class name(s) {', '.join(repr(printable(c)) for c in undecodable)} are not valid "
+            "UTF-8 text (undecodable bytes shown as \\xNN); rename those class folders"
+        )
+    notes.extend(_same_number_notes(classes))
     local = _read_local_card(root)
     if card is not None:
         name = card.name
@@ -429,24 +544,39 @@ def cache_dir_for(root: Path, split_dir: Path | None) -> Path:
     """Where verdicts and statistics of a dataset are cached: `split_dir`, else a per-root user cache folder."""
     if split_dir is not None:
         return Path(split_dir)
-    resolved = root.resolve()
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", resolved.name)[:40] or "dataset"
-    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
-    return user_cache_dir() / "datasets" / f"{slug}-{digest}"
+    return user_cache_dir() / "datasets" / f"{_slug(root.resolve().name)}-{path_digest(root)}"
 
 
 def _inspect(path: Path) -> FileCheck:
-    """Decode `path` fully; a good image also yields its 128-px channel means and mean squares (in [0, 1])."""
+    """Read `path` once: hash its bytes and decode them; a good image also yields its 128-px channel means and mean
+    squares (in [0, 1])."""
     try:
-        image = load_image(path)
+        data = path.read_bytes()
+    except OSError as err:
+        return FileCheck(f"cannot read ({err.strerror or err})")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        image = load_image(path, data=data)
     except BadImageError as err:
-        return FileCheck(str(err).removeprefix(f"{path}: "))
+        return FileCheck(str(err).removeprefix(f"{path}: "), sha256=digest)
     except Exception as err:  # noqa: BLE001 - e.g. Pillow's decompression-bomb guard, MemoryError
-        return FileCheck(f"unreadable image ({type(err).__name__}: {err})")
+        return FileCheck(f"unreadable image ({type(err).__name__}: {err})", sha256=digest)
     small = image.resize((STATS_SIZE, STATS_SIZE), Image.Resampling.BILINEAR)
     pixels = np.asarray(small, dtype=np.float64) / 255.0
     means, squares = pixels.mean(axis=(0, 1)), (pixels**2).mean(axis=(0, 1))
-    return FileCheck(None, tuple(float(v) for v in (*means, *squares)))
+    return FileCheck(None, tuple(float(v) for v in (*means, *squares)), digest)
+
+
+def _file_sha256(path: Path) -> str | None:
+    """sha256 of a file's bytes, or None when it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def _load_check_cache(path: Path) -> dict[str, list[Any]]:
@@ -454,19 +584,39 @@ def _load_check_cache(path: Path) -> dict[str, list[Any]]:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    if not isinstance(data, dict) or data.get("version") != CHECK_VERSION or data.get("stats_size") != STATS_SIZE:
+    if (
+        not isinstance(data, dict)
+        or data.get("version") not in READ_CHECK_VERSIONS
+        or data.get("stats_size") != STATS_SIZE
+    ):
         return {}
     files = data.get("files")
     return files if isinstance(files, dict) else {}
 
 
+def _undecodable(path: Path) -> bool:
+    """Whether the path holds bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def check_images(paths: Iterable[Path], cache_file: Path | None, log: Log = print) -> dict[Path, FileCheck]:
-    """Verdict for every path, decoding only files whose (path, size, mtime) is not in `cache_file`."""
+    """Verdict and content hash for every path, reading only files whose (path, size, mtime) is not in `cache_file`
+    (cached verdicts without a hash, from an older cache, are completed by hashing the file, not decoding it)."""
     cache = _load_check_cache(cache_file) if cache_file is not None else {}
     results: dict[Path, FileCheck] = {}
     fresh: dict[str, list[Any]] = {}
     todo: list[tuple[Path, str, os.stat_result]] = []
+    unhashed: list[tuple[Path, str, list[Any]]] = []
     for path in paths:
+        if _undecodable(path):
+            results[path] = FileCheck(
+                "the file name is not valid UTF-8 (undecodable bytes shown as \\xNN); rename the file"
+            )
+            continue
         try:
             stat = path.stat()
         except FileNotFoundError:
@@ -483,25 +633,42 @@ def check_images(paths: Iterable[Path], cache_file: Path | None, log: Log = prin
             continue
         key = os.path.abspath(path)
         hit = cache.get(key)
-        if isinstance(hit, list) and len(hit) == 4 and hit[0] == stat.st_size and hit[1] == stat.st_mtime_ns:
-            results[path] = FileCheck(hit[2], tuple(hit[3]) if hit[3] is not None else None)
-            fresh[key] = hit
+        if isinstance(hit, list) and len(hit) in (4, 5) and hit[0] == stat.st_size and hit[1] == stat.st_mtime_ns:
+            entry = [*hit[:4], hit[4] if len(hit) == 5 else None]
+            if entry[2] is None and entry[4] is None:
+                unhashed.append((path, key, entry))
+            else:
+                results[path] = FileCheck(entry[2], tuple(entry[3]) if entry[3] is not None else None, entry[4])
+                fresh[key] = entry
         else:
             todo.append((path, key, stat))
-    if todo:
+    if todo or unhashed:
+        work = [f"validating {len(todo)} image file(s) by decoding them"] if todo else []
+        work += [f"hashing {len(unhashed)} file(s) validated before (content hashes for leakage)"] if unhashed else []
         where = f"; verdicts cached in {cache_file}" if cache_file is not None else ""
-        log(f"validating {len(todo)} image file(s) by decoding them{where}")
+        log(" and ".join(work) + where)
         workers = max(1, min(4, os.cpu_count() or 1))
         try:
-            with ThreadPoolExecutor(max_workers=workers) as pool:  # decoding releases the GIL
+            with ThreadPoolExecutor(max_workers=workers) as pool:  # reading, hashing and decoding release the GIL
+                digests = pool.map(_file_sha256, [t[0] for t in unhashed])
+                for (path, key, entry), digest in zip(unhashed, digests, strict=True):
+                    entry[4] = digest
+                    results[path] = FileCheck(entry[2], tuple(entry[3]) if entry[3] is not None else None, digest)
+                    fresh[key] = entry
                 for (path, key, stat), verdict in zip(todo, pool.map(_inspect, [t[0] for t in todo]), strict=True):
                     results[path] = verdict
-                    fresh[key] = [stat.st_size, stat.st_mtime_ns, verdict.reason, verdict.stats]
-        finally:  # an interrupted pass still keeps what it decoded
-            if cache_file is not None and (todo or len(fresh) != len(cache)):
-                with contextlib.suppress(OSError):
-                    write_json_atomic(cache_file, {"version": CHECK_VERSION, "stats_size": STATS_SIZE, "files": fresh})
+                    fresh[key] = [stat.st_size, stat.st_mtime_ns, verdict.reason, verdict.stats, verdict.sha256]
+        finally:  # an interrupted pass still keeps what it read
+            _save_check_cache(cache_file, fresh)
+    elif len(fresh) != len(cache):
+        _save_check_cache(cache_file, fresh)
     return results
+
+
+def _save_check_cache(cache_file: Path | None, files: dict[str, list[Any]]) -> None:
+    if cache_file is not None:
+        with contextlib.suppress(OSError):
+            write_json_atomic(cache_file, {"version": CHECK_VERSION, "stats_size": STATS_SIZE, "files": files})
 
 
 def survey(spec: str | Path | None, split_dir: Path | None = None, log: Log = print) -> Survey:
@@ -702,11 +869,78 @@ def _triple(value: Any) -> tuple[float, float, float] | None:
 # Opening
 
 
+def content_groups(entries: Iterable[Entry], checks: dict[Path, FileCheck]) -> list[list[Entry]]:
+    """Groups of two or more entries whose files have identical bytes (sha256), in inventory order."""
+    groups: dict[str, list[Entry]] = {}
+    for entry in entries:
+        digest = checks[entry.path].sha256
+        if digest is not None:
+            groups.setdefault(digest, []).append(entry)
+    return [members for members in groups.values() if len(members) > 1]
+
+
+def find_leakage(
+    entries: Iterable[Entry], checks: dict[Path, FileCheck], splits: dict[Path, str], root: Path
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """(leaks, notes): files with identical contents in more than one split, as {sha256, files: [{path, split,
+    label}]} with paths relative to `root`; notes on identical files within one split and on conflicting labels."""
+    order = {s: i for i, s in enumerate(SPLITS)}
+    leaks: list[dict[str, Any]] = []
+    within: list[str] = []
+    conflicts: list[str] = []
+    for members in content_groups(entries, checks):
+        members = sorted(members, key=lambda e: (order[splits[e.path]], str(e.path)))
+        files = [{"path": printable(_rel(e.path, root)), "split": splits[e.path], "label": e.label} for e in members]
+        shown = " = ".join(f"{f['path']} ({f['split']}, class {printable(f['label'])})" for f in files)
+        if len({e.label for e in members}) > 1:
+            conflicts.append(shown)
+        if len({f["split"] for f in files}) > 1:
+            leaks.append({"sha256": checks[members[0].path].sha256, "files": files})
+        else:
+            within.append(shown)
+    notes = []
+    if within:
+        notes.append(f"{len(within)} group(s) of identical files within one split (they weigh twice, e.g. {within[0]})")
+    if conflicts:
+        more = f" and {len(conflicts) - 5} more" if len(conflicts) > 5 else ""
+        notes.append(f"identical files with different labels: {'; '.join(conflicts[:5])}{more}")
+    return leaks, notes
+
+
+def leakage_lines(leaks: list[dict[str, Any]], limit: int = 20) -> list[str]:
+    """One line per leaked image: its identical files with their splits."""
+    lines = [" = ".join(f"{f['path']} ({f['split']})" for f in leak["files"]) for leak in leaks[:limit]]
+    if len(leaks) > limit:
+        lines.append(f"... and {len(leaks) - limit} more")
+    return lines
+
+
+def leakage_message(root: Path, leaks: list[dict[str, Any]]) -> str:
+    """The error for identical files across splits: the files, and what to do."""
+    listing = "\n".join(f"  {line}" for line in leakage_lines(leaks))
+    return (
+        f"{printable(root)}: {len(leaks)} image(s) have identical copies (same file contents, sha256) in more than one "
+        f"split, so validation/test scores would be measured on training images:\n{listing}\n"
+        "Remove the copies so that each image is in one split only (`petlbench datasets check DATASET` lists them "
+        "all), or pass --allow-leakage (allow_leakage=True) to run anyway; the leak is then recorded with the run."
+    )
+
+
+def too_few_classes_message(root: Path, classes: list[str], counts: Counter[str]) -> str:
+    """The error for a dataset with fewer than two classes that have images."""
+    found = ", ".join(f"{printable(c)} ({counts[c]} images)" for c in classes) or "none"
+    return (
+        f"{printable(root)}: found {len(classes)} class(es) with images ({found}); at least 2 are needed to train and "
+        "evaluate a classifier. Did you pass a class folder (or a split folder) instead of the dataset root? "
+        f"Layouts: {_layouts_text()}."
+    )
+
+
 def bad_files_message(root: Path, bad: list[dict[str, str]]) -> str:
     """The error for unusable files: every file with its reason, and what to do."""
     lines = "\n".join(f"  {b['path']}: {b['reason']}" for b in bad)
     return (
-        f"{len(bad)} unusable image file(s) in {root}:\n{lines}\n"
+        f"{len(bad)} unusable image file(s) in {printable(root)}:\n{lines}\n"
         "Fix or remove them, or pass --skip-bad-images to leave them out (they are then listed in the run record)."
     )
 
@@ -717,19 +951,22 @@ def open_dataset(
     seed: int = 0,
     skip_bad_images: bool = False,
     log: Log = print,
+    allow_leakage: bool = False,
 ) -> DatasetSource:
     """Open, validate and split a dataset (folder layout, CSV manifest, card name, or None = embedded synthetic).
 
-    Every image is decoded once (verdicts cached by path, size and mtime). Bad files raise a DatasetError naming
-    them all, unless `skip_bad_images`, which leaves them out and lists them in `skipped`. Splits: the layout's, else
-    a stratified 70/10/20 split with `seed`, saved to `split_dir/split.csv` and reused while the files match.
+    Every image is decoded and hashed once (verdicts cached by path, size and mtime). Bad files raise a DatasetError
+    naming them all, unless `skip_bad_images`, which leaves them out and lists them in `skipped`. Splits: the
+    layout's, else a stratified 70/10/20 split with `seed`, saved to `split_dir/split.csv` and reused while the files
+    match (`split_dir_for` names a folder per data location). Identical files in more than one split raise a
+    DatasetError naming them, unless `allow_leakage`, which logs them and records them in `leakage`.
     Mean/std come from the dataset card, else the official "auto" routine on the training images resized to
     128 px (instead of 512, for speed; cached per file), also recorded in `split_dir/stats.json`.
     """
     found = survey(spec, split_dir, log)
     inv = found.inventory
     for note in inv.notes:
-        log(f"warning: {note}")
+        log(f"warning: {printable(note)}")
     bad = found.bad
     if bad and not skip_bad_images:
         raise DatasetError(bad_files_message(inv.root, bad))
@@ -750,10 +987,7 @@ def open_dataset(
         )
     classes = [c for c in inv.classes if per_class[c] > 0]
     if len(classes) < 2:
-        raise DatasetError(
-            f"{inv.root}: found {len(classes)} class(es) with images ({', '.join(classes) or 'none'}); at least 2 "
-            f"are needed. Check the layout: {_layouts_text()}."
-        )
+        raise DatasetError(too_few_classes_message(inv.root, classes, per_class))
     card = inv.card
     if card is not None:
         if card.num_classes != len(classes):
@@ -761,6 +995,16 @@ def open_dataset(
         elif card.classes and list(card.classes) != classes:
             log(f"warning: card {card.key!r} names classes {list(card.classes)}, found {classes} in {inv.root}")
     splits, origin = assign_splits(inv, good, seed, split_dir, log)
+    leaks, duplicate_notes = find_leakage(good, found.checks, splits, inv.root)
+    if leaks and not allow_leakage:
+        raise DatasetError(leakage_message(inv.root, leaks))
+    if leaks:
+        log(
+            f"warning: allow_leakage (--allow-leakage): training anyway although {len(leaks)} image(s) have identical "
+            "copies in more than one split: " + "; ".join(leakage_lines(leaks, limit=10))
+        )
+    for note in duplicate_notes:
+        log(f"warning: {note}")
     if card is not None and card.split == "official" and origin == "generated":
         log(f"warning: card {card.key!r} expects the official split, but {inv.root} has none: drew 70/10/20")
     index = {c: i for i, c in enumerate(classes)}
@@ -784,6 +1028,8 @@ def open_dataset(
         mean=mean,
         std=std,
         skipped=bad if skip_bad_images else [],
+        allow_leakage=allow_leakage,
+        leakage=leaks,
     )
 
 

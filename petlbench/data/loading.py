@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,11 @@ class BadImageError(ValueError):
     """An image file that cannot be decoded."""
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open `path` fully (so truncation is caught here) and return it upright as 8-bit RGB."""
+def load_image(path: str | Path, data: bytes | None = None) -> Image.Image:
+    """Open `path` fully (so truncation is caught here) and return it upright as 8-bit RGB; `data`: its bytes, read."""
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
             img.load()
             upright = ImageOps.exif_transpose(img)
             return to_rgb(upright)

@@ -6,12 +6,22 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 SPLITS = ("train", "val", "test")
 
 
 class DatasetError(ValueError):
     """A dataset that cannot be used as given; the message says which path, what is wrong and what to do."""
+
+
+def printable(text: str | Path) -> str:
+    """`text` safe to print and encode as UTF-8: bytes of an undecodable file name are shown as \\xNN escapes."""
+    text = str(text)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that does not stand for a byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,8 @@ class DatasetSource:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     skipped: list[dict[str, str]] = field(default_factory=list)  # bad files excluded with --skip-bad-images
+    allow_leakage: bool = False  # opened with allow_leakage=True (--allow-leakage): identical files across splits
+    leakage: list[dict[str, Any]] = field(default_factory=list)  # those files: {sha256, files: [{path, split, label}]}
 
     @property
     def num_classes(self) -> int:
@@ -62,6 +74,11 @@ class DatasetSource:
             digest.update(f"{s.sample_id}|{s.label}|{s.split}|{stat.st_size}|{int(stat.st_mtime)}\n".encode())
         return digest.hexdigest()[:16]
 
+    @property
+    def identity(self) -> str:
+        """`name@fingerprint`: tells apart datasets that share a name (reports, run records, caches)."""
+        return f"{self.name}@{self.fingerprint()}"
+
 
 def sample_id_for(path: Path, root: Path) -> str:
     """Stable unique id of a file: hash of its path relative to the dataset root (stems collide across classes)."""
@@ -69,4 +86,4 @@ def sample_id_for(path: Path, root: Path) -> str:
         rel = path.resolve().relative_to(root.resolve())
     except ValueError:
         rel = path.resolve()
-    return hashlib.sha1(rel.as_posix().encode()).hexdigest()[:16]
+    return hashlib.sha1(rel.as_posix().encode("utf-8", "surrogateescape")).hexdigest()[:16]

@@ -34,6 +34,20 @@ frozen), `buffers`, `gradients` (labelled by a post-accumulate-grad hook), `opti
 scores), `inputs` (views + labels), `preloaded_features` (FPT/FPT+ key/value batches) and
 `activations` (everything else: saved activations and transient temporaries).
 
+Memory kinds (`mem_kinds` in the record; profiling.md §2): `est_peak_mem_mb` is **allocated** memory, the above.
+`est_reserved_mem_mb` is **reserved** memory: for `target="cuda"`, the tracker logs every allocation and free it
+counts (parameters, buffers, inputs, activations, gradients, optimizer state and temporaries, in replay order) and
+the log is replayed through `allocator.CachingAllocatorSim`, a simulation of PyTorch's CUDA caching allocator
+(512-byte rounding, 2 MiB small-pool and 20 MiB / 2 MiB-rounded large-pool segments, best fit, splitting,
+coalescing, segments never released); its peak reserved bytes are what `torch.cuda.max_memory_reserved()` would
+show after the measured step. Reserved memory depends on the whole history, so it is replayed as a real run has it:
+`warmup="full"` as logged (setup, first step, measured step); `warmup="prime"` as setup, then the measured step
+twice, the first time with the primed `optimizer.step()`'s own events (state created, temporaries) where the step
+calls it, the second time with only its temporaries (allocations it makes and frees); the priming itself, which a
+real run never does, is left out. Both give the same reserved bytes (tested).
+`est_device_mem_mb` is **device** memory (what nvidia-smi shows): reserved plus the CUDA context, a per-GPU constant
+that only a measurement gives (`allocator.CUDA_CONTEXT_MB`); None with `est_device_mem_reason` until measured.
+
 Warm-up: `warmup="full"` runs the whole step twice and reports the second (the first creates the
 optimizer state; its peak is kept as `first_step_peak_bytes`). `warmup="prime"` creates the optimizer
 state by one `optimizer.step()` on zero gradients instead of a full first step, then runs the measured
@@ -47,7 +61,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,13 +72,14 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.attention import SDPBackend
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from petlbench.backbones.attention import set_attention
 from petlbench.core.method import BackboneSpec, Method
 from petlbench.engine.step import MakeOptimizer, TrainStep, make_optimizer, train_step
+from petlbench.profiling.allocator import CachingAllocatorSim, Event, device_memory_mb, transient_events
 from petlbench.profiling.flops import flop_counter
 from petlbench.profiling.models import (
     BatchSpec,
@@ -76,6 +91,11 @@ from petlbench.profiling.models import (
 )
 
 MIB = 2**20
+MEM_KINDS = {
+    "est_peak_mem_mb": "allocated",
+    "est_reserved_mem_mb": "reserved (simulated caching allocator)",
+    "est_device_mem_mb": "device = reserved + CUDA context",
+}
 MEM_UNIT = "MiB (2^20 bytes)"
 CUDA_BLOCK = 512
 ACTIVATIONS = "activations"
@@ -123,6 +143,10 @@ class LiveStorageTracker(TorchDispatchMode):
         self.closed = False
         self.untracked_bytes = 0
         self.host_scalars = False
+        # for the reserved-memory replay: when a list, every counted allocation and free is appended as
+        # ("malloc", serial, unrounded nbytes) / ("free", serial, 0); `_prime_optimizer` notes its step's slice
+        self.event_log: list[Event] | None = None
+        self.step_window: tuple[int, int] | None = None
 
     def _rounded(self, nbytes: int) -> int:
         r = self.round_to
@@ -140,13 +164,16 @@ class LiveStorageTracker(TorchDispatchMode):
             return
         if self.in_optimizer and self.host_scalars and tensor.dim() == 0 and category is None:
             return  # AdamW's non-capturable `step` counters live on the host (see _attach_optimizer_hooks)
-        nbytes = self._rounded(int(storage.nbytes()))
+        raw = int(storage.nbytes())
+        nbytes = self._rounded(raw)
         serial = self._next
         self._next += 1
         cat = category or self.default_category
         self._serial[storage] = serial
         self._info[serial] = [nbytes, cat]
         weakref.finalize(storage, self._free, serial)
+        if self.event_log is not None:
+            self.event_log.append(("malloc", serial, raw))
         self.current += nbytes
         self.totals[cat] += nbytes
         if self.current > self.peak:
@@ -182,6 +209,8 @@ class LiveStorageTracker(TorchDispatchMode):
             return
         self.current -= info[0]
         self.totals[info[1]] -= info[0]
+        if self.event_log is not None:
+            self.event_log.append(("free", serial, 0))
 
     def reset_peak(self) -> None:
         """Start a new peak window at the current live total."""
@@ -219,6 +248,8 @@ class MemoryEstimate:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     train_flops: dict[str, int] | None = None  # FlopCounterMode counts of the measured step (2 per MAC)
+    reserved_peak_bytes: int | None = None  # simulated caching allocator's peak reserved bytes (target="cuda")
+    gpu: str | None = None  # GPU the device-level estimate is for (a key of allocator.CUDA_CONTEXT_MB); None: unknown
 
     @property
     def step_peak_increase_bytes(self) -> int:
@@ -227,8 +258,13 @@ class MemoryEstimate:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly record."""
+        device_mb, device_reason = device_memory_mb(self.reserved_peak_bytes, self.gpu)
         return {
             "est_peak_mem_mb": self.peak_bytes / MIB,
+            "est_reserved_mem_mb": (self.reserved_peak_bytes / MIB if self.reserved_peak_bytes is not None else None),
+            "est_device_mem_mb": device_mb,
+            "est_device_mem_reason": device_reason,
+            "mem_kinds": dict(MEM_KINDS),
             "est_breakdown_mb": {k: self.breakdown_bytes.get(k, 0) / MIB for k in CATEGORIES},
             "est_first_step_peak_mem_mb": (
                 self.first_step_peak_bytes / MIB if self.first_step_peak_bytes is not None else None
@@ -339,30 +375,48 @@ class _MetaSDPA(TorchFunctionMode):
                 shape = [min(int(n), 4) for n in t.shape[:-1]] + [int(t.shape[-1])]
                 return torch.zeros(shape, dtype=t.dtype, requires_grad=t.requires_grad)
 
-            with torch.no_grad():
-                sq, sk, sv = small(q), small(k), small(v)
-                for t in (sq, sk, sv):
-                    t.requires_grad_(bool(t.requires_grad))
-                smask = None if mask is None else torch.zeros([min(int(n), 4) for n in mask.shape], dtype=mask.dtype)
-            self._choice[key] = int(
-                torch._fused_sdp_choice(sq, sk, sv, smask, float(dropout), bool(causal), enable_gqa=bool(gqa))
-            )
+            # the probe's small CPU tensors are no part of the step: hidden from the tracker (and the allocator sim)
+            with _disable_current_modes():
+                with torch.no_grad():
+                    sq, sk, sv = small(q), small(k), small(v)
+                    for t in (sq, sk, sv):
+                        t.requires_grad_(bool(t.requires_grad))
+                    smask = (
+                        None if mask is None else torch.zeros([min(int(n), 4) for n in mask.shape], dtype=mask.dtype)
+                    )
+                self._choice[key] = int(
+                    torch._fused_sdp_choice(sq, sk, sv, smask, float(dropout), bool(causal), enable_gqa=bool(gqa))
+                )
         return self._choice[key]
 
 
 # Optimizer priming results, keyed by the trainable shapes and the optimizer configuration (see `_prime_on_fakes`).
 StateSpec = list[list[tuple[str, tuple[int, ...], tuple[int, ...], torch.dtype, bool]]]
-_PRIME_MEMO: dict[tuple[Any, ...], tuple[int, StateSpec]] = {}
+
+
+@dataclass
+class PrimeLog:
+    """The allocation events of a primed (first) `optimizer.step()`: state created and temporaries, in order."""
+
+    step_events: list[Event]
+
+    def temporaries(self) -> list[Event]:
+        """What the step allocates and frees itself, in order: a steady-state step's temporaries."""
+        return transient_events(self.step_events, 0, len(self.step_events))
+
+
+_PRIME_MEMO: dict[tuple[Any, ...], tuple[int, StateSpec, PrimeLog]] = {}
 
 
 def _prime_on_fakes(
     params: list[nn.Parameter], make_opt: MakeOptimizer, foreach: bool, target: str, round_to: int
-) -> tuple[int, StateSpec]:
+) -> tuple[int, StateSpec, PrimeLog]:
     """Run the optimizer's first step on fake stand-ins of `params` (zero gradients).
 
-    Returns (the step's transient bytes over its steady-state live set, and per parameter the state
-    tensors it created as (key, shape, stride, dtype, on_device)). Optimizer state and temporaries depend
-    only on the parameters' shapes and dtypes, so results are memoised on them.
+    Returns (the step's transient bytes over its steady-state live set, per parameter the state tensors it
+    created as (key, shape, stride, dtype, on_device), and the priming's allocation events for the allocator
+    simulation). Optimizer state and temporaries depend only on the parameters' shapes and dtypes, so results
+    are memoised on them.
     """
     key = (
         tuple((tuple(p.shape), tuple(p.stride()), p.dtype) for p in params),
@@ -385,7 +439,10 @@ def _prime_on_fakes(
         with tracker:
             for p in fakes:
                 tracker.track(p, "parameters")
+            tracker.event_log = []
             increase = _prime_optimizer(optimizer, fakes, tracker)
+            log = _take_prime_log(tracker)
+            tracker.event_log = None
         tracker.closed = True
         states = []
         device_step = _device_step(optimizer)
@@ -396,8 +453,15 @@ def _prime_on_fakes(
                     on_device = not (name == "step" and target == "cuda" and value.dim() == 0 and not device_step)
                     entries.append((name, tuple(value.shape), tuple(value.stride()), value.dtype, on_device))
             states.append(entries)
-    _PRIME_MEMO[key] = (increase, states)
-    return increase, states
+    _PRIME_MEMO[key] = (increase, states, log)
+    return increase, states, log
+
+
+def _take_prime_log(tracker: LiveStorageTracker) -> PrimeLog:
+    """The events of the `optimizer.step()` of the last `_prime_optimizer` call on `tracker` (needs its event log)."""
+    start, stop = tracker.step_window or (0, 0)
+    tracker.step_window = None
+    return PrimeLog(list((tracker.event_log or [])[start:stop]))
 
 
 def _attach_optimizer_hooks(optimizer: torch.optim.Optimizer, tracker: LiveStorageTracker, target: str) -> list[Any]:
@@ -487,6 +551,10 @@ def estimate_model_memory(
         device = "meta"
     used_attention = set_attention(model, attention)
     tracker = LiveStorageTracker(round_to)
+    if target == "cuda":
+        tracker.event_log = []
+    marks: dict[str, int] = {}
+    prime_log: PrimeLog | None = None
     first_peak: int | None = None
     flops: dict[str, int] | None = None
     at_step: dict[str, Any] = {}
@@ -509,14 +577,16 @@ def estimate_model_memory(
                 tracker.relabel(batch[key], category)
             state_replicas: list[torch.Tensor] = []
             optimizer_increase: int | None = None
+            marks["prime_start"] = _log_len(tracker)
             if warmup == "full":
                 tracker.reset_peak()
                 step_fn(model, batch, optimizer, global_step=0)
                 first_peak = tracker.peak
             elif engine == "fake":
                 optimizer_increase = _prime_optimizer(optimizer, params, tracker)
+                prime_log = _take_prime_log(tracker)
             else:
-                optimizer_increase, states = primed
+                optimizer_increase, states, prime_log = primed
                 for entries in states:
                     for _, shape, stride, dtype, on_device in entries:
                         if on_device:
@@ -529,11 +599,13 @@ def estimate_model_memory(
 
                 def step_stub(*_: Any, **__: Any) -> None:
                     at_step["live"], at_step["totals"] = tracker.current, dict(tracker.totals)
+                    marks["stub"] = _log_len(tracker)
 
                 # the measured step reuses the primed step's temporaries: an instance attribute shadows the method
                 setattr(optimizer, "step", step_stub)  # noqa: B010 - mypy rejects assigning to a method
             tracker.reset_peak()
             start = tracker.current
+            marks["step_start"] = _log_len(tracker)
             if count_flops:
                 counter = flop_counter()
                 split = _ForwardSplit(model, counter)
@@ -545,6 +617,7 @@ def estimate_model_memory(
                 flops = {"forward": fwd, "backward": total - fwd, "total": total, "batch_size": _batch_size(spec)}
             else:
                 step_fn(model, batch, optimizer, global_step=1)
+            marks["step_end"] = _log_len(tracker)
             if optimizer_increase is not None:
                 del optimizer.step
                 if "live" not in at_step:
@@ -591,7 +664,69 @@ def estimate_model_memory(
         notes=notes,
         seconds=time.perf_counter() - started,
         train_flops=flops,
+        reserved_peak_bytes=(
+            None if tracker.event_log is None else _reserved_peak(tracker.event_log, marks, prime_log, warmup)
+        ),
     )
+
+
+def _log_len(tracker: LiveStorageTracker) -> int:
+    return len(tracker.event_log) if tracker.event_log is not None else 0
+
+
+def _reserved_peak(log: list[Event], marks: dict[str, int], prime: PrimeLog | None, warmup: str) -> int:
+    """Peak reserved bytes of the simulated caching allocator over the run the estimate stands for.
+
+    `warmup="full"`: the log as recorded (setup, first step, measured step). `warmup="prime"`: the setup (what was
+    logged before the priming), then the measured step twice, as a real run's first and second step: the first with
+    the primed `optimizer.step()`'s events (state created, temporaries) where the step called the stub, the second
+    with its temporaries only. The priming itself is left out. A free, in the second step, of something allocated
+    before the step (a method's state replaced each step) frees the oldest survivor of the first step of that size.
+    """
+    sim = CachingAllocatorSim()
+    if warmup == "full" or prime is None:
+        sim.replay(log)
+        return sim.peak_reserved
+    live: dict[tuple[Any, ...], int] = {}
+
+    def free(key: tuple[Any, ...]) -> bool:
+        handle = live.pop(key, None)
+        if handle is not None:
+            sim.free(handle)
+        return handle is not None
+
+    for kind, serial, nbytes in log[: marks["prime_start"]]:
+        if kind == "malloc":
+            live[("setup", serial)] = sim.malloc(nbytes)
+        else:
+            free(("setup", serial))
+    step = log[marks["step_start"] : marks["step_end"]]
+    stub = marks["stub"] - marks["step_start"]
+    sizes = {serial: nbytes for kind, serial, nbytes in log if kind == "malloc"}
+    made = {serial for kind, serial, _ in step if kind == "malloc"}
+    survivors: dict[int, deque[tuple[Any, ...]]] = defaultdict(deque)
+    for rep, optimizer_events in enumerate((prime.step_events, prime.temporaries())):
+        for i in range(len(step) + 1):
+            if i == stub:
+                for kind, serial, nbytes in optimizer_events:
+                    if kind == "malloc":
+                        live[("optimizer", rep, serial)] = sim.malloc(nbytes)
+                    else:
+                        free(("optimizer", rep, serial))
+            if i == len(step):
+                break
+            kind, serial, nbytes = step[i]
+            if kind == "malloc":
+                live[("step", rep, serial)] = sim.malloc(nbytes)
+            elif serial in made:
+                free(("step", rep, serial))
+            elif not free(("setup", serial)) and rep == 1 and survivors[sizes.get(serial, -1)]:
+                free(survivors[sizes[serial]].popleft())
+        if rep == 0:
+            for kind, serial, nbytes in step:
+                if kind == "malloc" and ("step", 0, serial) in live:
+                    survivors[nbytes].append(("step", 0, serial))
+    return sim.peak_reserved
 
 
 def _device_step(optimizer: torch.optim.Optimizer) -> bool:
@@ -652,7 +787,10 @@ def _prime_optimizer(optimizer: torch.optim.Optimizer, params: list[nn.Parameter
         tracker.relabel(p.grad, "gradients")
     tracker.reset_peak()
     tracker.untracked_bytes = 0
+    start = len(tracker.event_log) if tracker.event_log is not None else 0
     optimizer.step()
+    if tracker.event_log is not None:
+        tracker.step_window = (start, len(tracker.event_log))
     increase = tracker.peak - tracker.current - tracker.untracked_bytes
     optimizer.zero_grad(set_to_none=True)
     return max(0, int(increase))

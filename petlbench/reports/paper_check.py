@@ -167,26 +167,25 @@ class PaperCheck:
         setting = settings.get(f"table_{table}", {})
         backbone = setting.get("backbone") or "vit_b16"
         res = int(v.get("res") or setting.get("res") or 512)
-        base = dict(table=table, row=str(v["row"]), column=str(v["column"]), cite=str(v["cite"]))
         paper = None if v.get("value") is None else float(v["value"])
+
+        def row(ours: float | None, kind: str, paper_oom: bool | None = None, ours_oom: bool | None = None) -> CheckRow:
+            return CheckRow(
+                table, str(v["row"]), str(v["column"]), str(v["printed"]), paper, ours, kind, str(v["cite"]),
+                paper_oom, ours_oom,
+            )  # fmt: skip
+
         if key == "params":
-            ours = self.params_pct(method, options, backbone, res)
-            return CheckRow(**base, printed=str(v["printed"]), paper=paper, ours=ours, kind="params (official)")
+            return row(self.params_pct(method, options, backbone, res), "params (official)")
         if key == "flops":
-            ours = self.flops(method, options, backbone, res, preload=v.get("phase") == "preload")
-            return CheckRow(**base, printed=str(v["printed"]), paper=paper, ours=ours, kind="GFLOPs, no attention")
+            preload = v.get("phase") == "preload"
+            return row(self.flops(method, options, backbone, res, preload), "GFLOPs, no attention")
         if key == "mem" or key.startswith("mem:"):
             mem, kind = _memory(self.estimate(method, options, backbone, res))
-            budget = GPU_GB * 1024.0
-            return CheckRow(
-                **base,
-                printed=str(v["printed"]),
-                paper=paper,
-                ours=None if v.get("oom") else mem,
-                kind=kind,
-                paper_oom=bool(v.get("oom")) if table == "III" else None,
-                ours_oom=(mem is not None and mem > budget) if table == "III" else None,
-            )
+            if table != "III":
+                return row(mem, kind)
+            fits = mem is not None and mem <= GPU_GB * 1024.0
+            return row(None if v.get("oom") else mem, kind, paper_oom=bool(v.get("oom")), ours_oom=not fits)
         return None
 
 
