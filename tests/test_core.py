@@ -212,10 +212,31 @@ def test_history_and_predictions_say_what_was_used(tmp_path) -> None:
     assert len(record["predictions"]["val"]["probs"]) == len(resolved.source.split("val"))
 
 
-def test_run_ids_of_earlier_versions_stay_valid() -> None:
-    """Fields added later are left out of the id at their default: a stored run keeps its id (value computed by the
-    first release of petlbench for this configuration)."""
+def test_run_ids_change_exactly_when_results_can() -> None:
+    """A field added for a knob that does not change results at its default keeps stored ids valid (pos_interp); a
+    change of what training computes gives every run a new id: the first release's id for this configuration was
+    lora-5d788a617603, computed with augmentation drawn from the global random stream."""
     cfg = RunConfig(method="lora", dataset="d", dataset_fingerprint="f")
-    assert cfg.run_id == "lora-5d788a617603"
+    assert cfg.run_id != "lora-5d788a617603"
+    assert dataclasses.replace(cfg, augmentation="global-stream").run_id == "lora-5d788a617603"
     assert dataclasses.replace(cfg, pos_interp="official").run_id != cfg.run_id
     assert dataclasses.replace(cfg, preset="paper", weights_path="/w.pt", num_workers=3).run_id == cfg.run_id
+
+
+@pytest.mark.slow
+def test_worker_count_changes_nothing(tmp_path) -> None:
+    """`--workers 0` and `--workers 2` train on the same augmented images in the same order: identical results."""
+    records = []
+    for workers in (0, 2):
+        request = RunRequest(
+            methods="lora", backbone="test_vit", res=32, epochs=2, batch_size=4, workers=workers,
+            results=tmp_path / f"w{workers}",
+        )  # fmt: skip
+        (record,) = execute(resolve(request), ResultStore(tmp_path / f"w{workers}"))
+        assert record["status"] == FINISHED, record.get("error")
+        records.append(record)
+    zero, two = records
+    assert zero["run_id"] == two["run_id"]
+    assert [h["train_loss"] for h in zero["history"]] == [h["train_loss"] for h in two["history"]]
+    assert zero["metrics"]["test_auc"] == two["metrics"]["test_auc"]
+    assert zero["predictions"] == two["predictions"]

@@ -24,7 +24,7 @@ GRAD_CLIP_NORM = 1.0
 # Fields that do not change what a run computes and so stay out of its id.
 _NOT_IDENTITY = {"num_workers", "dataset_path", "weights_path", "preset"}
 # Fields added after runs were stored: left out of the id at their default, so earlier run ids stay valid.
-_ADDED_WITH_DEFAULT = {"pos_interp": "timm"}
+_ADDED_WITH_DEFAULT = {"pos_interp": "timm", "augmentation": "global-stream"}
 
 Amp = Literal["none", "bf16"]
 Attention = Literal["auto", "fused", "explicit"]
@@ -92,6 +92,9 @@ class RunConfig:
     num_workers: int = 0
     weights_path: str = ""  # where the weights file named by `weights` was read (not part of the id)
     pos_interp: str = "timm"  # position table: resampled once ("timm") or per forward, the authors' way ("official")
+    # How training images are augmented: "per-sample" draws from (seed, epoch, index) alone (since petlbench 0.2;
+    # before, from the global random stream, which made results depend on the worker count and the method).
+    augmentation: str = "per-sample"
     preset: str = "none"  # the preset that chose defaults (its choices are the fields above; not part of the id)
 
     def __post_init__(self) -> None:

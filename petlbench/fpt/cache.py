@@ -369,8 +369,11 @@ class PreloadedDataset(Dataset):
         """The underlying samples (same order as the items)."""
         return self.base.samples
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.base[index]
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        from petlbench.data.views import split_key
+
+        item = self.base[key]  # an (epoch, index) key reaches the augmented views unchanged
+        _, index = split_key(key)
         for name, array in self.store.read(self.rows[index]).items():
             tensor = torch.from_numpy(array)
             item[BATCH_PREFIX + name] = tensor.long() if array.dtype == np.int32 else tensor
