@@ -274,24 +274,26 @@ def test_table_main(runs) -> None:
     md = to_markdown(table)
     full = 85.5 * math.exp(-math.log10(2))  # Avg (91 + 80) / 2, r = m = 1
     assert _row(md, "Full fine-tuning") == (
-        f"| Full fine-tuning | 100 | 20,000 | 91.00 ± 1.41 | 80.00 ± — | 85.50 | {full:.2f} | {full:.2f} |"
+        f"| Full fine-tuning | 100 | 20,000 | 91.00 ± 1.41 | 80.00 ± — (n=1) | 85.50 | {full:.2f} | {full:.2f} |"
     )
     # FPT+: best (bold) memory, dsA, dsB, Avg, PPE, PME among the ranked (PETL) rows; BitFit's params best.
     fpt_ppe, fpt_pme = 87.0 * math.exp(-math.log10(1.0103)), 87.0 * math.exp(-math.log10(1 + 700 / 20000))
     assert _row(md, "FPT+") == (
-        f"| FPT+ | 1.03 | **700** | **90.00 ± 1.41** | **84.00 ± —** | **87.00** | **{fpt_ppe:.2f}** | "
+        f"| FPT+ | 1.03 | **700** | **90.00 ± 1.41** | **84.00 ± — (n=1)** | **87.00** | **{fpt_ppe:.2f}** | "
         f"**{fpt_pme:.2f}** |"
     )
     # LoRA: second on dsA (underlined); its dsB run failed -> "—", so no Avg, PPE, PME.
-    assert _row(md, "LoRA") == "| LoRA | <u>0.68</u> | 19,000 | <u>88.00 ± —</u> | — | — | — | — |"
+    assert _row(md, "LoRA") == "| LoRA | <u>0.68</u> | 19,000 | <u>88.00 ± — (n=1)</u> | — | — | — | — |"
     # BitFit never ran on dsB: a missing cell.
-    assert _row(md, "BitFit") == "| BitFit | **0.12** | <u>18,000</u> | 86.00 ± — | — | — | — | — |"
+    assert _row(md, "BitFit") == "| BitFit | **0.12** | <u>18,000</u> | 86.00 ± — (n=1) | — | — | — | — |"
     # Second section (other weights) is ranked on its own.
     assert "| ***Weights: w-dino*** |" in md
-    assert _row(md, "FPT+", 1).startswith("| FPT+ | **1.03** | **700** | **87.00 ± —** | **83.00 ± —** | **85.00** |")
+    assert _row(md, "FPT+", 1).startswith(
+        "| FPT+ | **1.03** | **700** | **87.00 ± — (n=1)** | **83.00 ± — (n=1)** | **85.00** |"
+    )
     tex = to_latex(table)
-    assert r"FPT+ & 1.03 & \textbf{700} & \textbf{90.00 $\pm$ 1.41} & \textbf{84.00 $\pm$ ---}" in tex
-    assert r"LoRA & \underline{0.68} & 19,000 & \underline{88.00 $\pm$ ---} & --- & --- & --- & --- \\" in tex
+    assert r"FPT+ & 1.03 & \textbf{700} & \textbf{90.00 $\pm$ 1.41} & \textbf{84.00 $\pm$ --- (n=1)}" in tex
+    assert r"LoRA & \underline{0.68} & 19,000 & \underline{88.00 $\pm$ --- (n=1)} & --- & --- & --- & --- \\" in tex
     assert r"\textit{Weights: w-dino}" in tex and r"\cmidrule(lr){2-3}" in tex
     csv = to_csv(table)
     assert "lora-dsB-w-sup-512-s0" in csv  # the failed run is traceable
@@ -309,7 +311,7 @@ def test_estimated_memory_is_marked(tmp_path: Path) -> None:
     runs = load_runs(tmp_path, fake_defaults)
     md = to_markdown(tbl.table_main(runs, tbl.select_main(runs)))
     pme_value = 88.0 * math.exp(-math.log10(1.1))
-    assert "| FPT+ | **1.03** | **100**† | **88.00 ± —** |" in md  # the only ranked row: best everywhere
+    assert "| FPT+ | **1.03** | **100**† | **88.00 ± — (n=1)** |" in md  # the only ranked row: best everywhere
     assert f"**{pme_value:.2f}**† |" in md
 
 

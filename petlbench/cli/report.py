@@ -24,14 +24,37 @@ def report(
         str | None, typer.Option(help="Backbone of Table III (default: the one run at most resolutions).")
     ] = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset of Table II (default: most common).")] = None,
+    filters: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--filter",
+            help="Fix part of the main setting, key=value (repeatable); keys: backbone, res, batch_size, epochs, "
+            "weights, dataset (its name, or its column label with the fingerprint suffix when two contents share a "
+            "name). The rest is the most common complete setting among the matching runs.",
+        ),
+    ] = None,
 ) -> None:
     """Build the papers' tables (Markdown, LaTeX, CSV) and figures (PNG, PDF) from stored runs, plus index.md."""
     from petlbench.cli.common import console, fail
     from petlbench.reports import build_report
 
+    def warn(message: str) -> None:
+        """Print a report warning (the message's brackets are text, not markup)."""
+        from rich.markup import escape
+
+        console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
+
     try:
         index = build_report(
-            results, out, gpu_mem=gpu_mem, backbone=backbone, res=res, table3_backbone=table3_backbone, dataset=dataset
+            results,
+            out,
+            gpu_mem=gpu_mem,
+            backbone=backbone,
+            res=res,
+            table3_backbone=table3_backbone,
+            dataset=dataset,
+            filters=filters or None,
+            log=warn,
         )
     except ValueError as err:
         fail(str(err))

@@ -2,8 +2,9 @@
 
 `build_report(results_dir, out_dir)` writes everything the stored runs allow and returns `index.md`'s path.
 Modules: `collect` (runs → DataFrame, cell rules), `efficiency` (PPE/PME), `model` + `tables` (table
-builders), `render` (Markdown/LaTeX/CSV), `figures` (matplotlib), `introspection` (Figures 6/9 arrays),
-`build` (the report and its index).
+builders), `bootstrap` (Table CI: bootstrap CIs of test AUC, paired tests against FPT+), `render`
+(Markdown/LaTeX/CSV), `figures` (matplotlib), `introspection` (Figures 6/9 arrays), `build` (the report and its
+index).
 """
 
 from petlbench.reports.build import build_report, parse_gpu_mem

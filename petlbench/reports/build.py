@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,8 @@ from petlbench.core.atomic import write_text_atomic
 from petlbench.core.results import FINISHED, utc_now
 from petlbench.reports import figures as figs
 from petlbench.reports import tables as tbl
-from petlbench.reports.collect import DefaultsFn, Runs, load_runs
+from petlbench.reports.bootstrap import NOT_AVAILABLE, table_ci
+from petlbench.reports.collect import HPARAM_RULE, DefaultsFn, Runs, load_runs
 from petlbench.reports.introspection import FIG6_KEYS, FIG9_KEYS, load_introspection
 from petlbench.reports.model import Table
 from petlbench.reports.render import write_table
@@ -98,13 +99,15 @@ class ReportBuilder:
         res: int | None,
         table3_backbone: str | None,
         dataset: str | None,
+        filters: Mapping[str, Any] | None = None,
     ) -> None:
-        """Remember the runs, output folder, GPU budget and the main setting."""
+        """Remember the runs, output folder, GPU budget and the main setting (ValueError for a filter that matches
+        no stored run)."""
         self.runs, self.out = runs, out
         self.gpu_mem_mb = gpu_mem_bytes / 2**20
         self.gpu_text = gpu_label(gpu_mem_bytes)
         self.gpu_caption = gpu_caption(gpu_mem_bytes)
-        self.sel = tbl.select_main(runs, backbone, res)
+        self.sel = tbl.select_main(runs, backbone, res, filters)
         self.table3_backbone, self.dataset = table3_backbone, dataset
         self.entries: list[Entry] = []
         self.table1: Table | None = None
@@ -379,26 +382,41 @@ def build_report(
     table3_backbone: str | None = None,
     dataset: str | None = None,
     defaults: DefaultsFn | None = None,
+    filters: Sequence[str] | Mapping[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Write every available table (md/tex/csv) and figure (png/pdf) to `out_dir`; returns index.md's path.
 
-    `backbone`/`res` fix the main setting (default: the most common among default-option runs),
-    `table3_backbone` Table III's backbone (default: the one with the most resolutions), `dataset` Table II's
-    dataset (default: the most common), `gpu_mem` the budget of Table III and Figure 2.
+    `filters` (`key=value` texts or a dict; keys backbone, res, batch_size, epochs, weights, dataset) and
+    `backbone`/`res` fix parts of the main setting; the rest is the most common complete (backbone, resolution,
+    batch size, epochs) tuple among the matching default-option runs. `table3_backbone` is Table III's backbone
+    (default: the one with the most resolutions), `dataset` Table II's dataset (default: the most common),
+    `gpu_mem` the budget of Table III and Figure 2. `log` receives warnings (an empty selection). ValueError for an
+    unknown filter key, or a filter or `dataset` value that matches no stored run.
     """
     results_dir, out = Path(results_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     gpu_bytes = parse_gpu_mem(gpu_mem)
+    parsed = dict(filters) if isinstance(filters, Mapping) else tbl.parse_filters(filters)
     runs = load_runs(results_dir, defaults)
-    b = ReportBuilder(runs, out, gpu_bytes, backbone, res, table3_backbone, dataset)
+    if dataset:
+        dataset = tbl.resolve_dataset(runs.df, dataset)
+    b = ReportBuilder(runs, out, gpu_bytes, backbone, res, table3_backbone, dataset, parsed)
+    out.mkdir(parents=True, exist_ok=True)
     none_main = "no finished run at default options"
+    if b.sel.empty and not runs.df.empty:
+        none_main = f"no finished default-option run matches the selection ({b.sel.describe()})"
+        if log is not None:
+            log(none_main + (f" for {b.sel.filter_text()}" if b.sel.filters else ""))
     b.table("I", "table1_main", lambda: tbl.table_main(runs, b.sel), none_main)
-    b.table("II", "table2_efficiency", lambda: tbl.table_efficiency(runs, b.sel, dataset), none_main)
+    none_ii = none_main if b.sel.empty or not dataset else f"no finished run on {dataset} at the main setting"
+    b.table("II", "table2_efficiency", lambda: tbl.table_efficiency(runs, b.sel, dataset), none_ii)
     b.table(
         "III",
         "table3_resolution",
-        lambda: tbl.table_resolution(runs, b.gpu_mem_mb, table3_backbone, gpu_label=b.gpu_caption),
-        "no run at default options",
+        lambda: tbl.table_resolution(
+            runs, b.gpu_mem_mb, table3_backbone, gpu_label=b.gpu_caption, filters=b.sel.filters
+        ),
+        "no run at default options" + (" matching the filters" if b.sel.filters else ""),
     )
 
     def sweep_table(spec: tbl.SweepSpec) -> Callable[[], Table | None]:
@@ -413,6 +431,7 @@ def build_report(
             sweep_table(spec),
             f"no FPT+ runs varying {option} (other options at their defaults) at the main setting",
         )
+    b.table("CI", "table_ci", lambda: table_ci(runs, b.sel), none_main if b.sel.empty else NOT_AVAILABLE)
     b.figure("1", "figure1_auc_vs_params", b.fig1)
     b.figure("2", "figure2_memory_vs_resolution", b.fig2)
     b.figure("5", "figure5_side_layers", lambda stem: b.sweep_figure("side_layers", stem))
@@ -447,14 +466,22 @@ def write_index(out: Path, results_dir: Path, runs: Runs, b: ReportBuilder, runs
         f"Every number comes from a stored run; each CSV lists the run ids behind each cell "
         f"([all runs]({_link(runs_csv, out)})).",
         "",
-        f"Main setting (Tables I, II, IV–VI; Figures 1, 5, 7, 8): default method options, {sel.describe()}"
-        + (" (the most common setting among the stored runs)." if sel.backbone else "."),
+        f"Main setting (Tables I, II, IV–VI, CI; Figures 1, 5, 7, 8): default method options, {sel.describe()}"
+        + (f" ({sel.chosen_by}" + (f"; {sel.filter_text()}" if sel.filters else "") + ")." if sel.backbone else "."),
+        f"Setting rule: {tbl.SETTING_RULE}, among the runs matching the filters; each pre-trained weights value at "
+        "that setting is its own section of Table I.",
+        f"Hyperparameters: {HPARAM_RULE}",
         "Memory: measured CUDA peak where every run measured it, otherwise the estimator's figure (marked †). "
         "'—' = no finished run; '/' = out of memory (in Table III also: above the GPU budget of "
-        f"{b.gpu_caption}).",
+        f"{b.gpu_caption}). Mean ± std over seeds; '± —' = a single seed.",
     ]
+    if sel.empty and not df.empty:
+        lines += ["", f"**No finished default-option run matches the selection** ({sel.describe()})."]
     if runs.notes:
         lines += ["", *[f"> note: {n}" for n in runs.notes]]
+    if sel.excluded:
+        lines += ["", "## Runs not in Table I", ""]
+        lines += [f"- {e.line()}" for e in sel.excluded]
     for kind in ("Table", "Figure"):
         lines += ["", f"## {kind}s", ""]
         for entry in (e for e in b.entries if e.kind == kind):

@@ -5,8 +5,14 @@ Rules applied here (and stated in the report's captions and notes):
 * A run is at "default options" when its stored `config.method_options` equal the method's defaults
   (`get_method(key)().resolved_options()`); options the record lacks are taken as default. If a method's
   module cannot be loaded, its most common stored option set stands in for the defaults (noted).
-* Several (lr, weight decay) points for one method/dataset cell (a grid search in the results folder):
-  the point with the highest mean validation AUC is kept, as the papers select hyperparameters.
+* Several (lr, weight decay) points for one cell (method, option point, dataset + fingerprint, backbone,
+  resolution, weights, epochs, batch size): the sweep's own choice is kept when the sweep recorded it
+  (`results/_sweeps/<sweep>.selection.json`); otherwise the papers' rule as the sweep applies it: grid points
+  are compared by the best-epoch validation AUC of the *search seed* only (the smallest seed run at every
+  point), ties to the smaller (lr, weight decay), and every seed at the chosen point is reported. Seed sets
+  are never mixed across grid points (`HPARAM_RULE`).
+* Datasets are keyed by name + content fingerprint: two contents under one name become two columns, the
+  name suffixed with a short fingerprint (noted).
 * A cell shows mean ± sample std of the finished runs; "/" if none finished and one ran out of memory;
   "—" otherwise (failed, still running, or never run). Memory: measured CUDA peak when every run has
   it, else the estimate, marked "†".
@@ -17,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,18 @@ from petlbench.reports.model import MISSING, NA, OOM, Cell
 
 DefaultsFn = Callable[[str], Mapping[str, Any] | None]
 ESTIMATED_MARK = "†"
+SWEEP_STATE_DIR = "_sweeps"  # results/_sweeps/<sweep>.selection.json: the cells' choices (petlbench.sweep.plan)
+SELECTION_SUFFIX = ".selection.json"
+# The columns that make one hyperparameter-search cell: runs differing in any of them are never compared.
+CELL_COLUMNS = ("method", "options_key", "dataset", "backbone", "res", "weights", "epochs", "batch_size")
+HPARAM_RULE = (
+    "(lr, weight decay) selection: per cell (method, options, dataset, backbone, resolution, weights, epochs, "
+    "batch size), the point the sweep chose and recorded (results/_sweeps/<sweep>.selection.json); for cells no "
+    "sweep recorded, the sweep's rule: the point whose search-seed run (the smallest seed run at every grid point) "
+    "has the highest best-epoch validation AUC, ties to the smaller (lr, weight decay); failed search runs do not "
+    "compete. All seeds at the chosen point are reported; runs at other points are not (seed sets are never "
+    "mixed across points)."
+)
 
 
 def method_defaults(key: str) -> dict[str, Any] | None:
@@ -86,6 +104,7 @@ class Runs:
     notes: list[str] = field(default_factory=list)
     order: list[str] = field(default_factory=list)
     root: Path | None = None
+    predictions: dict[str, dict[str, Any]] = field(default_factory=dict)  # run id -> its test predictions
 
     def label(self, method: str) -> str:
         """Display name of a method (from its records), else its key."""
@@ -121,7 +140,13 @@ def record_row(record: Mapping[str, Any]) -> dict[str, Any]:
     options = config.get("method_options") or {}
     device = (record.get("environment") or {}).get("device")
     device = device if isinstance(device, dict) else {}
+    predictions = (record.get("predictions") or {}).get("test") if isinstance(record.get("predictions"), dict) else None
     row.update(
+        dataset_name=config.get("dataset"),
+        dataset_fingerprint=config.get("dataset_fingerprint") or (record.get("dataset") or {}).get("fingerprint"),
+        has_predictions=bool(
+            isinstance(predictions, dict) and predictions.get("sample_ids") and predictions.get("probs")
+        ),
         options=dict(options),
         options_json=canonical(options),
         device=row.get("device") or config.get("device"),
@@ -156,23 +181,105 @@ _NUMERIC = (
 )
 
 
-COLUMNS = list(record_row({}).keys()) + ["nondefault", "is_default"]
+ROW_COLUMNS = list(record_row({}).keys())
+SWEEP_COLUMNS = ["sweep_point", "sweep_name", "sweep_recorded"]
+COLUMNS = ROW_COLUMNS + SWEEP_COLUMNS + ["nondefault", "is_default", "options_key"]
+
+
+@dataclass(frozen=True)
+class SweepChoice:
+    """A sweep's recorded choice for the cell a run belongs to: the chosen point's key and when it was recorded."""
+
+    sweep: str
+    point: str  # `point_key(lr, weight_decay)`
+    recorded: str
+
+
+def point_key(lr: Any, weight_decay: Any) -> str:
+    """A comparable text of one (lr, weight decay) grid point."""
+    return f"{canonical(_num(lr))}|{canonical(_num(weight_decay))}"
+
+
+def read_sweep_choices(results_dir: str | Path) -> dict[str, SweepChoice]:
+    """Run id -> the recorded choice of its sweep cell, from every `_sweeps/*.selection.json` (latest wins)."""
+    found: dict[str, SweepChoice] = {}
+    folder = Path(results_dir) / SWEEP_STATE_DIR
+    for path in sorted(folder.glob(f"*{SELECTION_SUFFIX}")) if folder.is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        name = str(data.get("sweep") or path.name[: -len(SELECTION_SUFFIX)])
+        for entry in (data.get("cells") or {}).values():
+            if not isinstance(entry, dict) or entry.get("state") != "chosen" or "lr" not in entry:
+                continue
+            choice = SweepChoice(
+                name, point_key(entry.get("lr"), entry.get("weight_decay")), str(entry.get("recorded"))
+            )
+            run_ids = [str(r.get("run_id")) for r in entry.get("search") or [] if isinstance(r, dict)]
+            run_ids += [str(r) for r in entry.get("final_run_ids") or []]
+            for run_id in run_ids:
+                if run_id not in found or found[run_id].recorded <= choice.recorded:
+                    found[run_id] = choice
+    return found
 
 
 def load_runs(results_dir: str | Path, defaults: DefaultsFn | None = None) -> Runs:
     """Every stored run of `results_dir` as a `Runs` (DataFrame plus default-option bookkeeping)."""
     records = ResultStore(results_dir).records()
-    return runs_from_records(records, defaults, root=Path(results_dir))
+    return runs_from_records(records, defaults, root=Path(results_dir), choices=read_sweep_choices(results_dir))
+
+
+def dataset_labels(names: Iterable[Any], fingerprints: Iterable[Any]) -> tuple[list[Any], list[str]]:
+    """Column labels keyed by dataset name + fingerprint: the name, suffixed " [fingerprint prefix]" only where one
+    name has several fingerprints (runs without one count as their own content); plus a note per such name."""
+    pairs = list(zip(names, fingerprints, strict=True))
+    by_name: dict[Any, set[str]] = {}
+    for name, fp in pairs:
+        by_name.setdefault(name, set()).add(str(fp) if fp else "")
+    label: dict[tuple[Any, str], Any] = {}
+    notes = []
+    for name, fps in by_name.items():
+        if len(fps) < 2 or name is None:
+            label.update({(name, fp): name for fp in fps})
+            continue
+        known = sorted(f for f in fps if f)
+        width = 8
+        while width < max(len(f) for f in known) and len({f[:width] for f in known}) < len(known):
+            width += 4
+        label.update({(name, fp): f"{name} [{fp[:width] if fp else 'no fingerprint'}]" for fp in fps})
+        notes.append(
+            f"dataset {name!r} has {len(fps)} different contents (fingerprints): kept apart as "
+            + ", ".join(sorted(str(label[(name, fp)]) for fp in fps))
+            + " (never averaged together)"
+        )
+    return [label[(n, str(f) if f else "")] for n, f in pairs], notes
 
 
 def runs_from_records(
-    records: Iterable[Mapping[str, Any]], defaults: DefaultsFn | None = None, root: Path | None = None
+    records: Iterable[Mapping[str, Any]],
+    defaults: DefaultsFn | None = None,
+    root: Path | None = None,
+    choices: Mapping[str, SweepChoice] | None = None,
 ) -> Runs:
     """`Runs` from in-memory records (what `load_runs` does after reading the store)."""
     defaults = defaults or method_defaults
-    rows = [record_row(r) for r in records if (r.get("config") or {}).get("method")]
-    df = pd.DataFrame.from_records(rows, columns=COLUMNS[:-2])
+    records = [r for r in records if (r.get("config") or {}).get("method")]
+    rows = [record_row(r) for r in records]
+    df = pd.DataFrame.from_records(rows, columns=ROW_COLUMNS)
     runs = Runs(df=df, order=method_order(), root=root)
+    for record in records:
+        test = (record.get("predictions") or {}).get("test")
+        if isinstance(test, dict) and test.get("sample_ids") and test.get("probs"):
+            runs.predictions[str(record.get("run_id"))] = test
+    labels, notes = dataset_labels(df["dataset_name"], df["dataset_fingerprint"])
+    df["dataset"] = labels
+    runs.notes.extend(notes)
+    choices = choices or {}
+    chosen = [choices.get(str(r)) for r in df["run_id"]]
+    df["sweep_point"] = [c.point if c else None for c in chosen]
+    df["sweep_name"] = [c.sweep if c else None for c in chosen]
+    df["sweep_recorded"] = [c.recorded if c else None for c in chosen]
     nondefault: list[dict[str, Any]] = []
     for method in df["method"].dropna().unique():
         found = defaults(method)
@@ -189,6 +296,7 @@ def runs_from_records(
         nondefault.append(deviations(options, runs.defaults.get(method, {})))
     df["nondefault"] = nondefault
     df["is_default"] = [not d for d in nondefault]
+    df["options_key"] = [canonical(d) for d in nondefault]
     return runs
 
 
@@ -201,30 +309,117 @@ def most_common(values: Iterable[Any]) -> Any:
     return sorted((v for v, c in counts.items() if c == top), key=lambda v: str(v))[-1]
 
 
-def choose_hparams(cell_runs: pd.DataFrame) -> pd.DataFrame:
-    """Keep one (lr, weight decay) point: the one with the best mean validation AUC among finished runs."""
+@dataclass(frozen=True)
+class HparamChoice:
+    """How one cell's (lr, weight decay) point was chosen: by a recorded sweep choice or by the search-seed rule."""
+
+    cell: str  # "method · dataset" (plus options when not default)
+    rule: str  # "sweep" or "search seed"
+    point: str  # `point_key` of the chosen point
+    points: int  # grid points run in the cell
+    seed: int | None = None  # the search seed (rule "search seed")
+    sweep: str = ""  # the sweep whose recorded choice was used (rule "sweep")
+    note: str = ""  # why a recorded choice was not usable, or points left out of the comparison
+
+
+def _point_order(key: str) -> tuple[float, float]:
+    """Numeric (lr, weight decay) of a point key for tie-breaking (a missing value sorts last)."""
+    lr, wd = (json.loads(part) for part in key.split("|"))
+    return (math.inf if lr is None else float(lr), math.inf if wd is None else float(wd))
+
+
+def _cell_name(cell_runs: pd.DataFrame) -> str:
+    """A readable name of a cell for notes."""
+    first = cell_runs.iloc[0]
+    options = first.get("options_key")
+    extra = f" [{options}]" if options and options != "{}" else ""
+    return f"{first.get('method')}{extra} · {first.get('dataset')}"
+
+
+def choose_hparams(cell_runs: pd.DataFrame, log: list[HparamChoice] | None = None) -> pd.DataFrame:
+    """Keep the runs of one cell at its selected (lr, weight decay) point, every seed there (see `HPARAM_RULE`).
+
+    A recorded sweep choice wins (the latest, if several sweeps recorded one). Otherwise the search seed is the
+    smallest seed run at every point (if none is, the seed run at the most points, and points without it cannot be
+    chosen); among points whose search-seed run finished, the highest validation AUC wins (a missing AUC counts
+    as −∞), ties to the smaller (lr, weight decay). Without a finished search-seed run, the search-seed runs
+    are kept, so the cell shows why (failed, running).
+    """
     if cell_runs.empty:
         return cell_runs
-    keys = cell_runs[["lr", "weight_decay"]].astype(str).agg("|".join, axis=1)
-    if keys.nunique() <= 1:
+    keys = pd.Series([point_key(lr, wd) for lr, wd in zip(cell_runs["lr"], cell_runs["weight_decay"], strict=True)])
+    keys.index = cell_runs.index
+    points = sorted(keys.unique(), key=_point_order)
+    if len(points) <= 1:
         return cell_runs
+    name, note = _cell_name(cell_runs), ""
+    if "sweep_point" in cell_runs.columns and cell_runs["sweep_point"].notna().any():
+        recorded = cell_runs[cell_runs["sweep_point"].notna()].sort_values("sweep_recorded", kind="stable")
+        latest = recorded.iloc[-1]
+        if latest["sweep_point"] in points:
+            if log is not None:
+                log.append(HparamChoice(name, "sweep", latest["sweep_point"], len(points), sweep=latest["sweep_name"]))
+            return cell_runs[keys == latest["sweep_point"]]
+        note = f"sweep {latest['sweep_name']!r} chose a point with no stored run here"
+    seeds = {p: {int(s) for s in cell_runs.loc[keys == p, "seed"].dropna()} for p in points}
+    common = set.intersection(*seeds.values())
+    if common:
+        seed, candidates = min(common), points
+    else:
+        counts = Counter(s for found in seeds.values() for s in found)
+        if not counts:
+            return cell_runs
+        seed = max(counts, key=lambda s: (counts[s], -s))
+        candidates = [p for p in points if seed in seeds[p]]
+        note = (note + "; " if note else "") + f"{len(points) - len(candidates)} point(s) lack seed {seed}"
+    search = cell_runs[(cell_runs["seed"] == seed) & keys.isin(candidates)]
+    best: tuple[float, str] | None = None
+    for point in candidates:
+        done = search[(keys[search.index] == point) & (search["status"] == FINISHED)]
+        if done.empty:
+            continue
+        vals = [v for v in done["val_auc"] if v is not None and math.isfinite(v)]
+        score = max(vals) if vals else -math.inf
+        if best is None or score > best[0]:
+            best = (score, point)
+    if best is None:
+        return search
+    if log is not None:
+        log.append(HparamChoice(name, "search seed", best[1], len(points), seed=seed, note=note))
+    return cell_runs[keys == best[1]]
 
-    def score(key: str) -> tuple[int, float]:
-        """(has finished runs, mean validation AUC) of one hyperparameter point."""
-        group = cell_runs[(keys == key) & (cell_runs["status"] == FINISHED)]
-        vals = [v for v in group["val_auc"] if v is not None and math.isfinite(v)]
-        return (1 if len(group) else 0, sum(vals) / len(vals) if vals else -math.inf)
 
-    best = max(sorted(keys.unique()), key=score)
-    return cell_runs[keys == best]
+def cell_columns(runs: pd.DataFrame, by: Iterable[str] = ()) -> list[str]:
+    """`by` plus every cell column the frame has: the grouping under which (lr, weight decay) points compete."""
+    by = list(by)
+    return by + [c for c in CELL_COLUMNS if c in runs.columns and c not in by]
 
 
-def select_hparams(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """`choose_hparams` applied to every group of `by` (e.g. method × dataset)."""
+def select_hparams(runs: pd.DataFrame, by: list[str], log: list[HparamChoice] | None = None) -> pd.DataFrame:
+    """`choose_hparams` applied to every cell within each group of `by` (e.g. method × dataset)."""
     if runs.empty:
         return runs
-    parts = [choose_hparams(group) for _, group in runs.groupby(by, dropna=False, sort=False)]
+    groups = runs.groupby(cell_columns(runs, by), dropna=False, sort=False)
+    parts = [choose_hparams(group, log) for _, group in groups]
     return pd.concat(parts) if parts else runs.iloc[0:0]
+
+
+def hparam_notes(log: Sequence[HparamChoice]) -> list[str]:
+    """The rule note plus how many cells each rule settled (and why a recorded choice was not used)."""
+    if not log:
+        return []
+    unique = {(c.cell, c.rule, c.point): c for c in log}.values()
+    by_sweep = Counter(c.sweep for c in unique if c.rule == "sweep")
+    by_seed = Counter(c.seed for c in unique if c.rule == "search seed")
+    parts = [f"{n} cell(s) by the choice recorded by sweep {s!r}" for s, n in sorted(by_sweep.items())]
+    parts += [f"{n} cell(s) by the validation AUC of search seed {s}" for s, n in sorted(by_seed.items())]
+    notes = [HPARAM_RULE, "Cells with several (lr, weight decay) points here: " + "; ".join(parts) + "."]
+    odd = sorted({f"{c.cell}: {c.note}" for c in unique if c.note})
+    if odd:
+        notes.append(
+            "Selection caveats: " + "; ".join(odd[:8]) + (f"; and {len(odd) - 8} more" if len(odd) > 8 else "") + "."
+        )
+    return notes
 
 
 def ids(runs: pd.DataFrame) -> tuple[str, ...]:
@@ -264,6 +459,11 @@ def no_value_cell(runs: pd.DataFrame) -> Cell:
     return Cell(MISSING, status="missing")
 
 
+def seed_count(n: int) -> str:
+    """The run-count mark of a mean ± std cell: "(n=3)"."""
+    return f"(n={n})"
+
+
 def mean_cell(
     runs: pd.DataFrame,
     column: str,
@@ -280,8 +480,10 @@ def mean_cell(
     mean, std = mean_std([float(v) * scale for v in have[column]])
     text = fmt_number(mean, decimals, adaptive)
     if with_std:
-        text += f" ± {fmt_number(std, decimals)}" if len(have) > 1 else " ± —"
-    return Cell(text, value=mean, std=std, n=len(have), status="ok", run_ids=ids(have))
+        text += f" ± {fmt_number(std, decimals)}" if len(have) > 1 else f" ± — {seed_count(1)}"
+    # One run has no spread: std stays empty (not 0) in the CSV, whose n_runs says 1.
+    spread = std if len(have) > 1 else None
+    return Cell(text, value=mean, std=spread, n=len(have), status="ok", run_ids=ids(have))
 
 
 def memory_cell(runs: pd.DataFrame, budget_mb: float | None = None) -> Cell:

@@ -7,8 +7,9 @@ Every builder returns a `Table` (or None when no stored run fits) whose cells ca
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -16,9 +17,12 @@ import pandas as pd
 from petlbench.core.results import FINISHED
 from petlbench.reports.collect import (
     ESTIMATED_MARK,
+    HPARAM_RULE,
+    HparamChoice,
     Runs,
     canonical,
     fmt_pct,
+    hparam_notes,
     ids,
     mean_cell,
     memory_cell,
@@ -26,6 +30,7 @@ from petlbench.reports.collect import (
     most_common,
     no_value_cell,
     power_cell,
+    seed_count,
     select_hparams,
 )
 from petlbench.reports.efficiency import pme, ppe
@@ -42,9 +47,57 @@ MEM_NOTE = (
     f"marked {ESTIMATED_MARK}."
 )
 STD_NOTE = (
-    "AUC ×100 on the test set at the best-validation epoch; mean ± sample std (n−1) over seeds; '± —' = one seed."
+    "AUC ×100 on the test set at the best-validation epoch; mean ± sample std (n−1) over seeds; '± — (n=1)' = one "
+    "seed (no spread)."
 )
+
+
+def mark_seed_counts(table: Table, prefix: str = "auc:") -> str:
+    """Append "(n=k)" to mean ± std cells whose seed count differs from the table's usual one; the note to add."""
+    cells = [c for _, _, col, c in table.cells() if col.key.startswith(prefix) and c.status == "ok" and c.n > 1]
+    if not cells:
+        return ""
+    counts = Counter(c.n for c in cells)
+    usual = max(counts, key=lambda n: (counts[n], n))
+    for c in cells:
+        if c.n != usual:
+            c.text += f" {seed_count(c.n)}"
+    odd = "; other counts are marked '(n=k)'" if len(counts) > 1 else ""
+    return f"Cells with a spread average n = {usual} seeds{odd}; the CSV's n_runs gives every cell's count."
+
+
 MISSING_NOTE = "'—' = no finished run (never run, failed or still running); '/' = out of memory."
+
+
+SETTING_KEYS = ("backbone", "res", "batch_size", "epochs")  # chosen jointly; weights are Table I's sections
+FILTER_KEYS = ("backbone", "res", "batch_size", "epochs", "weights", "dataset")
+_INT_KEYS = ("res", "batch_size", "epochs")
+KEY_LABELS = {
+    "backbone": "backbone",
+    "res": "resolution",
+    "batch_size": "batch size",
+    "epochs": "epochs",
+    "weights": "weights",
+    "dataset": "dataset",
+}
+SETTING_RULE = (
+    "the (backbone, resolution, batch size, epochs) tuple with the most finished default-option runs (all runs if "
+    "none finished), tuples with a missing value last; ties: the most method × dataset cells, then the last in "
+    "(backbone, resolution, batch size, epochs) order"
+)
+
+
+@dataclass
+class Exclusion:
+    """Runs left out of the main setting for one reason."""
+
+    reason: str
+    run_ids: tuple[str, ...]
+
+    def line(self, shown: int = 3) -> str:
+        """`reason: n run(s), e.g. a, b, c` for index.md."""
+        more = ", …" if len(self.run_ids) > shown else ""
+        return f"{self.reason}: {len(self.run_ids)} run(s), e.g. {', '.join(self.run_ids[:shown])}{more}"
 
 
 @dataclass
@@ -56,10 +109,26 @@ class Selection:
     batch_size: int | None
     epochs: int | None
     runs: pd.DataFrame
+    filters: dict[str, Any] = field(default_factory=dict)
+    chosen_by: str = ""
+    excluded: list[Exclusion] = field(default_factory=list)
 
     def describe(self) -> str:
         """One phrase naming the setting, for captions."""
-        return f"{self.backbone} at {self.res} px, batch {self.batch_size}, {self.epochs} epochs"
+        if self.backbone is None and self.res is None:
+            return "no stored run matches the selection" + (f" ({self.filter_text()})" if self.filters else "")
+        text = f"{self.backbone} at {self.res} px, batch {self.batch_size}, {self.epochs} epochs"
+        extra = [f"{KEY_LABELS[k]} {v}" for k, v in self.filters.items() if k in ("weights", "dataset")]
+        return text + (f" ({', '.join(extra)})" if extra else "")
+
+    def filter_text(self) -> str:
+        """The filters as `--filter key=value` flags."""
+        return " ".join(f"--filter {k}={v}" for k, v in self.filters.items())
+
+    @property
+    def empty(self) -> bool:
+        """True when no finished run is at the setting."""
+        return self.runs.empty or not (self.runs["status"] == FINISHED).any()
 
 
 def _filter(df: pd.DataFrame, **equal: Any) -> pd.DataFrame:
@@ -70,18 +139,168 @@ def _filter(df: pd.DataFrame, **equal: Any) -> pd.DataFrame:
     return df
 
 
-def select_main(runs: Runs, backbone: str | None = None, res: int | None = None) -> Selection:
-    """Default-option runs at the given (else most common) backbone, resolution, batch size and epochs."""
-    pool = runs.df[runs.df["is_default"]] if not runs.df.empty else runs.df
+def parse_filters(items: Iterable[str] | None) -> dict[str, Any]:
+    """`key=value` texts (keys: backbone, res, batch_size, epochs, weights, dataset) as a dict; ValueError if bad."""
+    filters: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = str(item).partition("=")
+        key, value = key.strip().lower().replace("-", "_"), value.strip()
+        if not sep or not key or not value:
+            raise ValueError(f"--filter {item!r}: use key=value, e.g. --filter res=512")
+        if key not in FILTER_KEYS:
+            raise ValueError(f"--filter {item!r}: unknown key {key!r}; use one of {', '.join(FILTER_KEYS)}")
+        parsed: Any = value
+        if key in _INT_KEYS:
+            try:
+                parsed = int(value)
+            except ValueError:
+                raise ValueError(f"--filter {item!r}: {key} must be a whole number") from None
+        if key in filters and filters[key] != parsed:
+            raise ValueError(f"--filter {key} given twice ({filters[key]} and {parsed})")
+        filters[key] = parsed
+    return filters
+
+
+def filter_mask(df: pd.DataFrame, key: str, value: Any) -> pd.Series:
+    """Rows matching one filter (a dataset matches its name or its column label)."""
+    if key == "dataset":
+        return (df["dataset"] == value) | (df["dataset_name"] == value)
+    return df[key] == value
+
+
+def apply_filters(df: pd.DataFrame, filters: Mapping[str, Any]) -> pd.DataFrame:
+    """Rows matching every filter."""
+    for key, value in filters.items():
+        if not df.empty:
+            df = df[filter_mask(df, key, value)]
+    return df
+
+
+def check_filters(df: pd.DataFrame, filters: Mapping[str, Any]) -> None:
+    """ValueError naming a filter whose value matches no stored run (with the values that exist)."""
+    for key, value in filters.items():
+        if df.empty or not filter_mask(df, key, value).any():
+            column = "dataset" if key == "dataset" else key
+            found = sorted({str(v) for v in df[column].dropna()}) if not df.empty else []
+            raise ValueError(
+                f"--filter {key}={value} matches no stored run"
+                + (f"; stored {KEY_LABELS[key]} values: {', '.join(found)}" if found else " (no runs stored)")
+            )
+
+
+def _plain(value: Any) -> Any:
+    """None for NaN, an int for an integral float, else the value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def choose_setting(pool: pd.DataFrame, keys: Sequence[str]) -> tuple[dict[str, Any], str]:
+    """The most common complete tuple of `keys` among `pool`'s finished runs (see `SETTING_RULE`), and how."""
+    if pool.empty:
+        return {k: None for k in keys}, "no run"
     basis = pool[pool["status"] == FINISHED] if (pool["status"] == FINISHED).any() else pool
-    backbone = backbone or most_common(basis["backbone"])
-    basis = _filter(basis, backbone=backbone)
-    res = res if res is not None else most_common(basis["res"])
-    basis = _filter(basis, res=res)
-    batch_size = most_common(basis["batch_size"])
-    epochs = most_common(basis["epochs"])
-    chosen = _filter(pool, backbone=backbone, res=res, batch_size=batch_size, epochs=epochs)
-    return Selection(backbone, None if res is None else int(res), batch_size, epochs, chosen)
+    counts: Counter[tuple[Any, ...]] = Counter()
+    cells: dict[tuple[Any, ...], set[tuple[Any, Any]]] = {}
+    for _, run in basis.iterrows():
+        key = tuple(_plain(run[k]) for k in keys)
+        counts[key] += 1
+        cells.setdefault(key, set()).add((run["method"], run["dataset"]))
+
+    def rank(key: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Complete first, then run count, cell count, then the values in order."""
+        return (all(v is not None for v in key), counts[key], len(cells[key]), *(_sort_key(v) for v in key))
+
+    best = max(counts, key=rank)
+    ties = [k for k in counts if k != best and rank(k)[:3] == rank(best)[:3]]
+    how = f"the most common setting, {counts[best]} {'finished ' if basis is not pool else ''}run(s)"
+    if ties:
+        how += f"; tied with {len(ties)} other setting(s) on run and cell counts, broken by sort order"
+    return dict(zip(keys, best, strict=True)), how
+
+
+def select_main(
+    runs: Runs, backbone: str | None = None, res: int | None = None, filters: Mapping[str, Any] | None = None
+) -> Selection:
+    """Default-option runs at one jointly chosen (backbone, resolution, batch size, epochs) setting.
+
+    `filters` (and `backbone`/`res`) fix keys; the rest come from the most common complete tuple among the matching
+    runs (`SETTING_RULE`). A filter value that matches no stored run raises ValueError.
+    """
+    fixed = dict(filters or {})
+    for key, value in (("backbone", backbone), ("res", res)):
+        if value is not None:
+            if key in fixed and fixed[key] != value:
+                raise ValueError(f"--{key} {value} contradicts --filter {key}={fixed[key]}")
+            fixed[key] = value
+    df = runs.df
+    check_filters(df, fixed)
+    pool = df[df["is_default"]] if not df.empty else df
+    pool = apply_filters(pool, fixed)
+    setting, how = choose_setting(pool, SETTING_KEYS)
+    if all(k in fixed for k in SETTING_KEYS):
+        how = "set by the filters"
+    chosen = _filter(pool, **setting)
+    sel = Selection(
+        setting["backbone"],
+        None if setting["res"] is None else int(setting["res"]),
+        setting["batch_size"],
+        setting["epochs"],
+        chosen,
+        filters=fixed,
+        chosen_by=how,
+    )
+    sel.excluded = exclusions(df, sel)
+    return sel
+
+
+def exclusions(df: pd.DataFrame, sel: Selection) -> list[Exclusion]:
+    """Why each stored run is not in Table I: filters, non-default options, another setting, another grid point."""
+    out: list[Exclusion] = []
+    remaining = df
+
+    def take(mask: pd.Series, reason: str) -> None:
+        """Move the rows of `remaining` selected by `mask` into one exclusion."""
+        nonlocal remaining
+        hit = remaining[mask]
+        if not hit.empty:
+            out.append(Exclusion(reason, ids(hit)))
+            remaining = remaining[~mask]
+
+    if df.empty:
+        return out
+    for key, value in sel.filters.items():
+        take(~filter_mask(remaining, key, value), f"outside --filter {key}={value}")
+    take(
+        ~remaining["is_default"].astype(bool),
+        "non-default method options (used only by the option sweeps: Tables IV–VI, Figures 5, 7, 8)",
+    )
+    for key in SETTING_KEYS:
+        value = getattr(sel, key)
+        if value is None or remaining.empty:
+            continue
+        mask = remaining[key] != value
+        others = Counter(str(_plain(v)) for v in remaining.loc[mask, key])
+        found = ", ".join(f"{v}: {n}" for v, n in sorted(others.items()))
+        where = "; Table III compares resolutions" if key == "res" else ""
+        take(mask, f"{KEY_LABELS[key]} is not {value} ({found}{where})")
+    if not remaining.empty:
+        kept = set(select_hparams(remaining, ["method", "dataset"])["run_id"])
+        take(
+            ~remaining["run_id"].isin(kept),
+            "at a (lr, weight decay) point other than the one selected for its cell",
+        )
+    return out
+
+
+def main_sections(sel: Selection, log: list[HparamChoice] | None = None) -> list[tuple[str, pd.DataFrame]]:
+    """Table I's sections: (weights, runs at each cell's selected point), weights by run count, then name."""
+    pool = sel.runs
+    counts = Counter(str(w) for w in pool["weights"])
+    order = sorted(counts, key=lambda w: (-counts[w], w))
+    return [(w, select_hparams(pool[pool["weights"].astype(str) == w], ["method", "dataset"], log)) for w in order]
 
 
 def _sum_ids(cells: Iterable[Cell]) -> tuple[str, ...]:
@@ -196,10 +415,9 @@ def _rank_note(reference: Sequence[str], runs: Runs) -> str:
 def table_main(runs: Runs, sel: Selection, reference: Sequence[str] = REFERENCE_METHODS) -> Table | None:
     """Table I: test AUC per dataset, Params, Mem., Avg., PPE and PME, one section per pre-trained weights."""
     pool = sel.runs
-    if pool.empty or not (pool["status"] == FINISHED).any():
+    if sel.empty:
         return None
     datasets = sorted(pool["dataset"].dropna().unique())
-    weights_order = [w for w, _ in pd.Series(pool["weights"]).value_counts().items()]
     columns = [
         Column("params", "Params (%)", "min", 4, group="Computing cost"),
         Column("mem", "Mem. (MiB)", "min", 0, group="Computing cost"),
@@ -209,8 +427,8 @@ def table_main(runs: Runs, sel: Selection, reference: Sequence[str] = REFERENCE_
         Column("pme", "PME", "max", 2),
     ]
     sections = []
-    for weights in weights_order:
-        section_runs = select_hparams(pool[pool["weights"] == weights], ["method", "dataset"])
+    log: list[HparamChoice] = []
+    for weights, section_runs in main_sections(sel, log):
         full = _full_reference(section_runs)
         rows = []
         for method in runs.sort_methods(section_runs["method"].unique()):
@@ -225,38 +443,30 @@ def table_main(runs: Runs, sel: Selection, reference: Sequence[str] = REFERENCE_
             )
         sections.append(Section(f"Weights: {weights}", rows))
     n_finished = int((pool["status"] == FINISHED).sum())
+    hparams = hparam_notes(log) or [HPARAM_RULE + " Here every cell ran a single (lr, weight decay) point."]
     table = Table(
         key="table1_main",
         number="I",
         title="Comparison of methods across datasets (test AUC, parameters, memory, PPE, PME)",
         caption=(
             f"Test AUC of every method at its default options on {len(datasets)} dataset(s); {sel.describe()}; "
-            f"grouped by pre-trained weights; {n_finished} finished run(s). Params = trainable / total parameters. "
-            "Avg. = mean of the per-dataset means (only when every dataset has one). "
+            f"grouped by pre-trained weights; {n_finished} finished run(s) at this setting, each cell at its "
+            "selected (lr, weight decay) point with all its seeds (rule in the notes). Params = trainable / total "
+            "parameters. Avg. = mean of the per-dataset means (only when every dataset has one). "
             "PPE = Avg.·exp(−log10(r+1)), r = Params/100; PME = Avg.·exp(−log10(m+1)), m = Mem. / Mem. of full "
             "fine-tuning in the same section (both measured, or both estimated; PME marked † when estimated). "
             + _rank_note(reference, runs)
         ),
         columns=columns,
         sections=sections,
-        notes=[STD_NOTE, MEM_NOTE, MISSING_NOTE, *runs.notes, *_hparam_notes(pool), *_failure_notes(pool)],
+        notes=[STD_NOTE, MEM_NOTE, MISSING_NOTE, *hparams, *runs.notes, *_failure_notes(pool)],
+        meta={"setting": sel.describe(), "datasets": datasets},
     )
+    seeds_note = mark_seed_counts(table)
+    if seeds_note:
+        table.notes.insert(1, seeds_note)
     highlight(table)
     return table
-
-
-def _hparam_notes(pool: pd.DataFrame) -> list[str]:
-    """A note when several (lr, weight decay) points were run for one cell."""
-    combos = pool[["method", "dataset", "weights"]].assign(
-        hp=pool["lr"].astype(str) + "|" + pool["weight_decay"].astype(str)
-    )
-    multi = combos.groupby(["method", "dataset", "weights"])["hp"].nunique()
-    if (multi > 1).any():
-        return [
-            "Where several (learning rate, weight decay) points were run, the one with the best mean "
-            "validation AUC is reported (the papers' grid-search rule)."
-        ]
-    return []
 
 
 def _device_notes(pool: pd.DataFrame) -> list[str]:
@@ -370,6 +580,21 @@ def _efficiency_cells(frame: pd.DataFrame) -> dict[str, Cell]:
     }
 
 
+def resolve_dataset(df: pd.DataFrame, dataset: str) -> str:
+    """The column label of a dataset given by label or name; ValueError if none or several contents match."""
+    if df.empty:
+        raise ValueError(f"--dataset {dataset}: no runs stored")
+    if (df["dataset"] == dataset).any():
+        return dataset
+    labels = sorted({str(d) for d in df.loc[df["dataset_name"] == dataset, "dataset"]})
+    if not labels:
+        found = ", ".join(sorted({str(d) for d in df["dataset"].dropna()}))
+        raise ValueError(f"--dataset {dataset}: no stored run on it; stored datasets: {found}")
+    if len(labels) > 1:
+        raise ValueError(f"--dataset {dataset}: several contents share that name; give one of: {', '.join(labels)}")
+    return labels[0]
+
+
 def table_efficiency(
     runs: Runs, sel: Selection, dataset: str | None = None, reference: Sequence[str] = REFERENCE_METHODS
 ) -> Table | None:
@@ -379,8 +604,10 @@ def table_efficiency(
     finished = pool[pool["status"] == FINISHED]
     if finished.empty:
         return None
-    dataset = dataset or most_common(finished["dataset"])
+    dataset = resolve_dataset(runs.df, dataset) if dataset else most_common(finished["dataset"])
     weights = most_common(finished[finished["dataset"] == dataset]["weights"])
+    if weights is None:
+        return None  # no finished run on that dataset at the main setting
     pool = select_hparams(_filter(pool, dataset=dataset, weights=weights), ["method"])
     units = sorted({str(u) for u in pool.loc[pool["status"] == FINISHED, "flops_unit"].dropna()})
     columns = [
@@ -453,9 +680,14 @@ def table_resolution(
     backbone: str | None = None,
     reference: Sequence[str] = REFERENCE_METHODS,
     gpu_label: str = "",
+    filters: Mapping[str, Any] | None = None,
 ) -> Table | None:
-    """Table III: peak memory and average AUC per method across input resolutions for one backbone."""
+    """Table III: peak memory and average AUC per method across input resolutions for one backbone.
+
+    Weights, batch size and epochs are chosen jointly (`choose_setting`); `filters` other than `res` apply.
+    """
     pool = runs.df[runs.df["is_default"]] if not runs.df.empty else runs.df
+    pool = apply_filters(pool, {k: v for k, v in (filters or {}).items() if k != "res"})
     if pool.empty:
         return None
     if backbone is None:
@@ -463,10 +695,10 @@ def table_resolution(
         sizes = pool.groupby("backbone").size()
         backbone = max(spread.index, key=lambda b: (spread[b], sizes[b], str(b)))
     pool = pool[pool["backbone"] == backbone]
-    basis = pool[pool["status"] == FINISHED] if (pool["status"] == FINISHED).any() else pool
-    weights = most_common(basis["weights"])
-    batch_size = most_common(basis["batch_size"])
-    epochs = most_common(basis["epochs"])
+    if pool.empty:
+        return None
+    setting, _ = choose_setting(pool, ("weights", "batch_size", "epochs"))
+    weights, batch_size, epochs = setting["weights"], setting["batch_size"], setting["epochs"]
     pool = _filter(pool, weights=weights, batch_size=batch_size, epochs=epochs)
     resolutions = sorted(int(r) for r in pool["res"].dropna().unique())
     datasets = sorted(pool["dataset"].dropna().unique())
@@ -554,9 +786,10 @@ def _sort_key(value: Any) -> tuple[int, float, str]:
 def sweep_runs(runs: Runs, sel: Selection, options: Sequence[str], method: str = FPT_PLUS) -> pd.DataFrame:
     """Runs of `method` at the main setting whose only non-default options are among `options`."""
     df = runs.df
-    if df.empty:
-        return df
+    if df.empty or (sel.backbone is None and sel.res is None):
+        return df.iloc[0:0]
     pool = _filter(df, method=method, backbone=sel.backbone, res=sel.res, batch_size=sel.batch_size, epochs=sel.epochs)
+    pool = apply_filters(pool, sel.filters)
     allowed = set(options)
     keep = [set(nd).issubset(allowed) for nd in pool["nondefault"]]
     return pool[keep]
@@ -580,7 +813,7 @@ def table_sweep(runs: Runs, sel: Selection, spec: SweepSpec, method: str = FPT_P
     common = set.intersection(*with_results) if all(with_results) else set()
     datasets = sorted(common or set(pool["dataset"].dropna()))
     full_pool = _filter(
-        runs.df[runs.df["is_default"]],
+        apply_filters(runs.df[runs.df["is_default"]], sel.filters),
         backbone=sel.backbone,
         res=sel.res,
         batch_size=sel.batch_size,

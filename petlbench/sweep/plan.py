@@ -4,12 +4,14 @@ A *cell* is one (method, option point, dataset, backbone, resolution). Its searc
 the first seed; once all of them have settled, the point with the highest best-epoch validation AUC is chosen
 (ties go to the earlier grid point) and the remaining seeds are run there. The search run at the chosen point is
 the final run of the first seed (same config, same run id), so it is never redone. The choice is a pure function
-of the stored results, so a restarted sweep makes the same choice.
+of the stored results, so a restarted sweep makes the same choice. Each settled cell's choice is recorded in
+`RESULTS/_sweeps/<sweep>.selection.json` (`record_selection`), so `petlbench report` shows the point the sweep chose.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tempfile
 from collections import Counter, deque
@@ -18,11 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from petlbench.core.atomic import write_json_atomic
 from petlbench.core.config import RunConfig
-from petlbench.core.results import FAILED, FINISHED, OOM, RUNNING, ResultStore
+from petlbench.core.results import FAILED, FINISHED, OOM, RUNNING, ResultStore, utc_now
 from petlbench.sweep.spec import BackboneChoice, SweepSpec, SweepSpecError
 
 SEARCH, FINAL = "search", "final"
+SELECTIONS_DIR = "_sweeps"  # the sweep state folder under the results root (also `sweep.status.STATE_DIR`)
+SELECTION_RULE = (
+    "highest best-epoch validation AUC of the search seed's run at each grid point (failed runs do not compete); "
+    "ties: the earlier grid point (lr-major, in the spec's order)"
+)
 SETTLED = (FINISHED, FAILED, OOM)
 Point = tuple[float | None, float | None]
 
@@ -195,6 +203,55 @@ def select_point(cell: CellPlan, load: Callable[[str], dict[str, Any] | None]) -
         return Selection("failed", reason=f"all {len(cell.search)} search run(s) failed; first: {errors[0]}")
     score, run = best
     return Selection("chosen", run.point, score if math.isfinite(score) else None)
+
+
+def selection_path(results: str | Path, name: str) -> Path:
+    """Where a sweep records its cells' choices: `RESULTS/_sweeps/<name>.selection.json`."""
+    return Path(results) / SELECTIONS_DIR / f"{name}.selection.json"
+
+
+def record_selection(plan: SweepPlan, cell: CellPlan, selection: Selection, results: str | Path) -> None:
+    """Record a settled cell's choice (point, search runs, final run ids) in the sweep's selection file.
+
+    The file maps each cell label to its latest choice; the report keeps the runs at the recorded point. Pending
+    cells are not recorded; a write error never stops the sweep.
+    """
+    if selection.state == "pending":
+        return
+    entry: dict[str, Any] = {
+        "state": selection.state,
+        "reason": selection.reason,
+        "rule": SELECTION_RULE,
+        "search_seed": plan.spec.seeds[0],
+        "val_auc": selection.val_auc,
+        "search": [
+            {
+                "run_id": run.run_id,
+                "lr": run.config.lr if run.config else run.lr,
+                "weight_decay": run.config.weight_decay if run.config else run.weight_decay,
+            }
+            for run in cell.search
+        ],
+        "recorded": utc_now(),
+    }
+    if selection.state == "chosen" and selection.point is not None:
+        first = cell.run_at(selection.point, plan.spec.seeds[0], FINAL)
+        entry["lr"] = first.config.lr if first.config else selection.point[0]
+        entry["weight_decay"] = first.config.weight_decay if first.config else selection.point[1]
+        entry["final_run_ids"] = [r.run_id for r in [first, *cell.finals(selection.point)] if r.run_id]
+    path = selection_path(results, plan.spec.name)
+    try:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            data = {}
+        data = data if isinstance(data, dict) else {}
+        found = data.get("cells")
+        cells: dict[str, Any] = found if isinstance(found, dict) else {}
+        cells[cell.cell.label] = entry
+        write_json_atomic(path, {"sweep": plan.spec.name, "rule": SELECTION_RULE, "cells": cells})
+    except OSError:
+        pass  # the report falls back to the same rule applied to the stored runs
 
 
 def _options_key(options: dict[str, str]) -> tuple[tuple[str, str], ...]:
@@ -384,6 +441,7 @@ class Scheduler:
         """Choose the cell's point and queue its unfinished final runs (or count them blocked)."""
         selection = self.plan.select(cell, self.store)
         self.selections[cell.index] = selection
+        record_selection(self.plan, cell, selection, self.store.root)
         if selection.state == "chosen" and selection.point is not None:
             self.queue.extend(run for run in cell.finals(selection.point) if self._needs_run(run))
         else:
@@ -459,5 +517,7 @@ __all__ = [
     "build_plan",
     "iter_runs",
     "job_for",
+    "record_selection",
     "select_point",
+    "selection_path",
 ]
