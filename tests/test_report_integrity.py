@@ -451,3 +451,19 @@ def test_table_ci_in_the_report(tmp_path: Path) -> None:
     low = frame[(frame["row_key"] == "lora") & (frame["column"] == "auc_low")]["value"].item()
     high = frame[(frame["row_key"] == "lora") & (frame["column"] == "auc_high")]["value"].item()
     assert low <= auc_percent(labels, weak)[0] <= high
+
+
+def test_runs_of_another_augmentation_pipeline_are_never_seeds_of_these(tmp_path: Path) -> None:
+    """Records from before augmentation was drawn per sample (no `augmentation` in their config) are another setting:
+    listed as excluded, never averaged with runs of the current pipeline."""
+    new = [rec("full_ft", "dsA", 80.0 + s, seed=s) for s in range(3)]
+    for record in new:
+        record["config"]["augmentation"] = "per-sample"
+    old = rec("full_ft", "dsA", 50.0, seed=3, run_id="full_ft-old")
+    save_all(tmp_path, [*new, old])
+    runs = load_runs(tmp_path, no_options)
+    sel = tbl.select_main(runs)
+    assert sel.augmentation == "per-sample" and "full_ft-old" not in set(sel.runs["run_id"])
+    assert any(
+        "augmentation pipeline is not per-sample" in e.reason and "full_ft-old" in e.run_ids for e in sel.excluded
+    )

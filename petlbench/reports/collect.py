@@ -41,7 +41,9 @@ ESTIMATED_MARK = "†"
 SWEEP_STATE_DIR = "_sweeps"  # results/_sweeps/<sweep>.selection.json: the cells' choices (petlbench.sweep.plan)
 SELECTION_SUFFIX = ".selection.json"
 # The columns that make one hyperparameter-search cell: runs differing in any of them are never compared.
-CELL_COLUMNS = ("method", "options_key", "dataset", "backbone", "res", "weights", "epochs", "batch_size")
+CELL_COLUMNS = (
+    "method", "options_key", "dataset", "backbone", "res", "weights", "epochs", "batch_size", "augmentation"
+)  # fmt: skip
 HPARAM_RULE = (
     "(lr, weight decay) selection: per cell (method, options, dataset, backbone, resolution, weights, epochs, "
     "batch size), the point the sweep chose and recorded (results/_sweeps/<sweep>.selection.json); for cells no "
@@ -142,6 +144,8 @@ def record_row(record: Mapping[str, Any]) -> dict[str, Any]:
     device = device if isinstance(device, dict) else {}
     predictions = (record.get("predictions") or {}).get("test") if isinstance(record.get("predictions"), dict) else None
     row.update(
+        # records written before augmentation was drawn per sample say nothing: they trained on the global stream
+        augmentation=config.get("augmentation", "global-stream"),
         dataset_name=config.get("dataset"),
         dataset_fingerprint=config.get("dataset_fingerprint") or (record.get("dataset") or {}).get("fingerprint"),
         has_predictions=bool(

@@ -69,7 +69,8 @@ def mark_seed_counts(table: Table, prefix: str = "auc:") -> str:
 MISSING_NOTE = "'—' = no finished run (never run, failed or still running); '/' = out of memory."
 
 
-SETTING_KEYS = ("backbone", "res", "batch_size", "epochs")  # chosen jointly; weights are Table I's sections
+# chosen jointly; weights are Table I's sections; runs from another augmentation pipeline never mix with these
+SETTING_KEYS = ("backbone", "res", "batch_size", "epochs", "augmentation")
 FILTER_KEYS = ("backbone", "res", "batch_size", "epochs", "weights", "dataset")
 _INT_KEYS = ("res", "batch_size", "epochs")
 KEY_LABELS = {
@@ -77,11 +78,12 @@ KEY_LABELS = {
     "res": "resolution",
     "batch_size": "batch size",
     "epochs": "epochs",
+    "augmentation": "augmentation pipeline",
     "weights": "weights",
     "dataset": "dataset",
 }
 SETTING_RULE = (
-    "the (backbone, resolution, batch size, epochs) tuple with the most finished default-option runs (all runs if "
+    "the (backbone, resolution, batch size, epochs, augmentation pipeline) tuple with the most finished default-option runs (all runs if "
     "none finished), tuples with a missing value last; ties: the most method × dataset cells, then the last in "
     "(backbone, resolution, batch size, epochs) order"
 )
@@ -110,6 +112,7 @@ class Selection:
     epochs: int | None
     runs: pd.DataFrame
     filters: dict[str, Any] = field(default_factory=dict)
+    augmentation: str | None = None
     chosen_by: str = ""
     excluded: list[Exclusion] = field(default_factory=list)
 
@@ -251,6 +254,7 @@ def select_main(
         chosen,
         filters=fixed,
         chosen_by=how,
+        augmentation=setting.get("augmentation"),
     )
     sel.excluded = exclusions(df, sel)
     return sel
