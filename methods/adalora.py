@@ -1,4 +1,4 @@
-"""AdaLoRA on the query and value projections (methods spec §2.8): adaptive rank budget via peft.
+"""AdaLoRA on the query and value projections: adaptive rank budget via peft.
 
 The harness drives AdaLoRA's two training hooks: `extra_loss()` is the orthogonality regulariser (peft only adds
 it when the model returns an object with `.loss`), and `after_optimizer_step(step)` runs peft's

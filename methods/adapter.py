@@ -1,6 +1,6 @@
 """Bottleneck adapters: AdaptFormer's parallel adapter (default) or two sequential Houlsby adapters per block.
 
-Methods spec §2.6. Default: one `blocks.i.adapter` per block reading the residual stream before `norm2`,
+Default: one `blocks.i.adapter` per block reading the residual stream before `norm2`,
 added next to the MLP branch, down 768→96, ReLU, dropout 0.1, up 96→768, times a fixed 0.1. Option
 `style=houlsby`: `blocks.i.adapter_attn` and `blocks.i.adapter_mlp` on the attention and MLP outputs (before the
 residual add), each h + up(GELU(down(h))) with bottleneck 48. Up projections start at zero in both styles, so the

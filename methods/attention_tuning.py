@@ -11,7 +11,7 @@ from petlbench.core.options import option
 
 ATTENTION_PATTERN = r"blocks\.\d+\.attn\..+"
 
-# Extra parameter groups for sensitivity runs (methods spec §2.4: pos_embed + norm1 close the ratio gap).
+# Extra parameter groups for sensitivity runs (pos_embed + norm1 close the ratio gap).
 EXTRA_PATTERNS: dict[str, str] = {
     "pos_embed": r"pos_embed",
     "cls_token": r"cls_token",

@@ -1,4 +1,4 @@
-"""BitFit: every bias term (LayerNorm biases included) plus the fresh head is trained (methods spec §2.3)."""
+"""BitFit: every bias term (LayerNorm biases included) plus the fresh head is trained."""
 
 from __future__ import annotations
 

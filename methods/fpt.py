@@ -19,7 +19,7 @@ class FPTOptions(SideTuningOptions):
 
 @register_method
 class FPT(SideTuningMethod):
-    """FPT (methods spec §4): side-width prompts, shared in- and out-projectors, residual after out-proj.
+    """FPT: side-width prompts, shared in- and out-projectors, residual after out-proj.
 
     Same notation as FPT+ (its class docstring); the side network has one block per LPM block by
     default (L_S = L_M) and reads 224 px at LPM 512 px:

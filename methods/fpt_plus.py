@@ -26,7 +26,7 @@ class FPTPlusOptions(SideTuningOptions):
 
 @register_method
 class FPTPlus(SideTuningMethod):
-    """FPT+ (methods spec §3): LPM-width prompts, shared LayerNorm and out-projector, top-L_S LPM blocks.
+    """FPT+: LPM-width prompts, shared LayerNorm and out-projector, top-L_S LPM blocks.
 
     Trainable = side network + fusion; the LPM (head-less) is frozen but counted in the total.
     With LPM width D, heads H, depth L_M, patch p, MLP ratio r, LPM tokens T = (res/p)² + 1,

@@ -1,4 +1,4 @@
-"""Full fine-tuning: every backbone parameter and the fresh head are trained (methods spec §2.1)."""
+"""Full fine-tuning: every backbone parameter and the fresh head are trained."""
 
 from __future__ import annotations
 

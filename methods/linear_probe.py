@@ -1,4 +1,4 @@
-"""Linear probing: only the fresh head is trained on the frozen backbone's class token (methods spec §2.2)."""
+"""Linear probing: only the fresh head is trained on the frozen backbone's class token."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LoRA on the query and value projections of every block (methods spec §2.7), via peft on a split qkv."""
+"""LoRA on the query and value projections of every block, via peft on a split qkv."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prompt tuning, VPT-deep: a fresh set of learnable prompt tokens before every block (methods spec §2.5)."""
+"""Prompt tuning, VPT-deep: a fresh set of learnable prompt tokens before every block."""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ DEPTH = 6
 RES = 32
 NUM_CLASSES = 3
 BATCH = 2
-VIT_B = BackboneSpec("vit_base_patch16_224")  # the papers' counts: 512 px, 5 classes (methods.md §5)
+VIT_B = BackboneSpec("vit_base_patch16_224")  # the papers' setting for counts: 512 px, 5 classes
 KERNELS = [a for a in ATTENTION_CHOICES if a != "auto"]
 
 
@@ -480,7 +480,7 @@ def test_preloading_matches_case(key: str) -> None:
 
 @pytest.mark.parametrize("key", KEYS)
 def test_vit_base_counts_match_the_spec(key: str) -> None:
-    """methods.md §5: ViT-B/16 at 512 px, C = 5, default options, as `petlbench params` and the profilers count."""
+    """ViT-B/16 at 512 px, C = 5, default options, as `petlbench params` and the profilers count."""
     case = case_for(key, "ViT-B/16 parameter counts")
     if case.vit_b is None:
         pytest.skip(f"the case row for {key} gives no ViT-B/16 counts")

@@ -249,7 +249,7 @@ def test_short_training_lowers_the_loss(key: str) -> None:
 
 @pytest.mark.slow
 def test_vit_base_variant_counts_match_the_spec() -> None:
-    """methods.md §5 reference variants: AdaptFormer 64, Houlsby 2 x 48, attention tuning + pos_embed + norm1."""
+    """Reference variants: AdaptFormer 64, Houlsby 2 x 48, attention tuning + pos_embed + norm1."""
     ctx = BuildContext(BackboneSpec("vit_base_patch16_224"), 5, 512, total_steps=1000, log=lambda _: None)
     cases = [
         ("adapter", {"bottleneck": "64"}, 1_193_477),

@@ -212,7 +212,7 @@ def test_fused_and_explicit_attention_count_the_same() -> None:
 
 
 def test_vit_base_224_forward_gflops_analytic() -> None:
-    """fvcore + handle on vit_base_patch16_224 = 17.58 G (profiling.md §6.1): 12 blocks of 12·D² per token,
+    """fvcore + handle on vit_base_patch16_224 = 17.58 G: 12 blocks of 12·D² per token,
     attention 2·N²·D per block, patch conv, norms."""
     rows = profile_methods(["full_ft"], BackboneSpec("vit_base_patch16_224"), 224, 2)
     assert rows[0]["fwd_gflops"] == pytest.approx(17.58, abs=0.01)
@@ -236,7 +236,7 @@ def test_estimator_matches_cpu_allocator_on_mlp(freeze_first: bool) -> None:
     measured = _real_step_peak(MLP(freeze_first), mlp_spec())
     assert abs(est.step_peak_increase_bytes - measured) <= 64
     if freeze_first:
-        assert est.step_peak_increase_bytes == 262144  # profiling.md §2.3, no gradient storage for fc1
+        assert est.step_peak_increase_bytes == 262144  # no gradient storage for fc1
 
 
 def test_estimator_persistent_memory_is_analytic() -> None:
@@ -262,7 +262,7 @@ def _measure_vit(method: Method, backbone: BackboneSpec, res: int, batch: int, a
 @pytest.mark.parametrize("method", [TinyFull, TinyLinear])
 def test_estimator_matches_cpu_allocator_on_tiny_vit(method: type[Method], attention: str) -> None:
     """vit_tiny (5.7 M parameters) at 224 px, batch 8: the estimate equals the CPU allocator's peak over the
-    same steady-state step (profiling.md §2.3: 239,568,028 B fused / 284,049,052 B explicit, full FT)."""
+    same steady-state step (239,568,028 B fused / 284,049,052 B explicit, full FT)."""
     estimated, measured = _measure_vit(method(), BackboneSpec("vit_tiny_patch16_224"), 224, 8, attention)
     assert estimated == pytest.approx(measured, rel=0.05)
     assert abs(estimated - measured) <= 16 * 1024

@@ -1,6 +1,6 @@
 """peft on timm ViTs: low-rank adapters on the query and value projections only, and AdaLoRA's training hooks.
 
-Methods spec §2.7–2.8 and pitfalls §8.1, §8.13, §8.14: the fused qkv projection is split first so that peft can
+The fused qkv projection is split first so that peft can
 target `q` and `v` without touching `k`; peft freezes the classifier head, which is re-enabled in place (never via
 `modules_to_save`, which would keep a second, frozen head and inflate the total count); AdaLoRA's orthogonality
 term and rank allocation are driven from the harness because a timm model returns a plain logits tensor.

@@ -1,7 +1,7 @@
 """Split timm's fused `attn.qkv` projection into separate `q`, `k`, `v` Linear layers, and merge it back.
 
 peft can only target whole modules, so LoRA/AdaLoRA on "query and value only" needs the three projections
-as separate layers (methods spec §2.7, pitfall §8.1). `split_qkv` must run after the pretrained weights are
+as separate layers. `split_qkv` must run after the pretrained weights are
 loaded, because it changes the state-dict keys (`blocks.i.attn.qkv.*` -> `blocks.i.attn.{q,k,v}.*`);
 `merge_qkv` restores timm's layout for exporting checkpoints.
 """

@@ -99,7 +99,7 @@ def create_backbone(spec: BackboneSpec, img_size: int, num_classes: int) -> Visi
 
 
 def reset_head(model: VisionTransformer) -> None:
-    """Fresh classification head: truncated normal std 0.02, bias 0 (the methods spec, §1.1)."""
+    """Fresh classification head: truncated normal std 0.02, bias 0."""
     head = model.head
     if isinstance(head, nn.Linear):
         trunc_normal_(head.weight, std=0.02)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from petlbench.core.method import BackboneSpec, Method
 
-# Training protocol of the papers (methods spec §6.1); the CLI and sweeps override these.
+# Training protocol of the papers; the CLI and sweeps override these.
 PAPER_EPOCHS = 20
 PAPER_BATCH_SIZE = 16
 PAPER_LR = 1e-3

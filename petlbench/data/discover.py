@@ -1,6 +1,6 @@
 """Open a dataset from a folder, a CSV manifest or a card: validate its images, fix its split, get mean/std.
 
-Accepted layouts (methods spec §6.6):
+Accepted layouts:
 
 - split folders ``ROOT/{train,val,test}/<class>/<image>`` (``val`` may be ``valid``/``validation``): the official
   split; without a ``val`` folder a stratified validation set of 1/8 of the training images is drawn;

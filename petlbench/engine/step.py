@@ -42,7 +42,7 @@ def make_optimizer(
 
     `foreach=None` is torch's default: the multi-tensor path on CUDA, the for-loop on CPU. The memory
     estimator passes `foreach=True` when it predicts a CUDA run, because the foreach path allocates a
-    full temporary copy of `exp_avg_sq` (profiling.md §2.2).
+    full temporary copy of `exp_avg_sq`.
     """
     return torch.optim.AdamW(list(params), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, foreach=foreach)
 

@@ -1,4 +1,4 @@
-"""On-disk cache of preloaded LPM features for FPT/FPT+ (paper §3.6, methods spec §3.9).
+"""On-disk cache of preloaded LPM features for FPT/FPT+ (paper §3.6).
 
 Layout: one folder per cache under `<cache_dir>/fpt_features/`, named
 `<backbone>-<res>px-<key>` where `key` hashes everything the features depend on (`CacheSpec.config`:

@@ -337,7 +337,7 @@ class SideTuningMethod(Method):
         return len(o.lpm_layers) if o.lpm_layers is not None else lpm_depth
 
     def lpm_layer_indices(self, depth: int) -> tuple[int, ...]:
-        """LPM blocks feeding side blocks 0..L_S-1: `lpm_layers`, or the top L_S blocks (spec §3.7)."""
+        """LPM blocks feeding side blocks 0..L_S-1: `lpm_layers`, or the top L_S blocks."""
         o = self.options
         side_depth = self.side_depth(depth)
         if side_depth > depth:

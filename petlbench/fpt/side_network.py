@@ -2,7 +2,7 @@
 
 Fusion modules turn the LPM features of each fed layer into a few side-width tokens
 `[L, B, T, D_s]`; `side_forward` appends layer ℓ's tokens after the patch tokens before side block ℓ
-and drops them after it (methods spec §3.6), so the side's final norm and head only see class + patches.
+and drops them after it, so the side's final norm and head only see class + patches.
 
 * `FinePromptFusion` (FPT+, §3.5): prompts in the LPM width, shared LayerNorm as the query map,
   cross-attention to the LPM keys/values, raw-prompt residual *before* the shared out-projector.
@@ -126,7 +126,7 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class FinePromptFusion(nn.Module):
-    """FPT+ fusion: one module serving every fed layer (methods spec §3.5).
+    """FPT+ fusion: one module serving every fed layer.
 
     Parameters: `prompts` `[L, P, D]` ~ N(0, 1e-6²); `norm` LayerNorm(D) and `out_proj` Linear(D→D_s),
     both shared by all layers. Per layer: c = CA(LN(p), K, V); f = Dropout(out_proj(c + p)).
@@ -157,7 +157,7 @@ class FinePromptFusion(nn.Module):
 
 
 class SidePromptFusion(nn.Module):
-    """FPT fusion (methods spec §4): side-width prompts, shared in/out projectors, residual after out_proj.
+    """FPT fusion: side-width prompts, shared in/out projectors, residual after out_proj.
 
     Parameters: `prompts` `[L, P, D_s]` ~ N(0, 1e-6²); `in_proj` Linear(D_s→D) and `out_proj`
     Linear(D→D_s), shared by all layers. Per layer: f = Dropout(out_proj(CA(in_proj(p), K, V)) + p).

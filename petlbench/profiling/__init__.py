@@ -1,5 +1,5 @@
 """Profilers: peak training memory (measured on CUDA, estimated anywhere), FLOPs with attention counted,
-throughput and time, NVML power and energy. The methodology is docs/profiling.md; each module's docstring
+throughput and time, NVML power and energy. Each module's docstring
 defines exactly what its numbers measure.
 
 Trainer integration (see `run_efficiency`, `StepTimer`, `PowerSampler`, `reset_cuda_peak`, `read_cuda_peak`).

@@ -1,4 +1,4 @@
-"""FLOPs of the forward pass and of one training step, per image, attention included (profiling.md §3).
+"""FLOPs of the forward pass and of one training step, per image, attention included.
 
 Unit
 ----

@@ -1,5 +1,5 @@
 """Measured peak training memory: CUDA allocator statistics, NVML process memory, and (on CPU) the CPU
-allocator's own events (profiling.md §1, §2.3).
+allocator's own events.
 
 What it measures
 ----------------
@@ -100,7 +100,7 @@ def measure_cuda_step_peak(
     warmup: int = 2,
     steps: int = 1,
 ) -> dict[str, Any]:
-    """Peak memory of `steps` steady-state training steps after `warmup` steps (profiling.md §1.2)."""
+    """Peak memory of `steps` steady-state training steps after `warmup` steps."""
     from petlbench.engine.step import train_step
 
     step_fn = train_step_fn or train_step

@@ -1,4 +1,4 @@
-"""GPU power and energy via NVML (profiling.md §5).
+"""GPU power and energy via NVML.
 
 What it measures
 ----------------

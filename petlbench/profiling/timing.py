@@ -1,4 +1,4 @@
-"""Throughput and time (profiling.md §4).
+"""Throughput and time.
 
 Definitions
 -----------

@@ -1,4 +1,4 @@
-"""The papers' performance-efficiency metrics (methods spec §6.5).
+"""The papers' performance-efficiency metrics.
 
     PPE = score · exp(−log10(r + 1)),   r = trainable / total parameters (a fraction, not a percentage)
     PME = score · exp(−log10(m + 1)),   m = peak training memory / full fine-tuning's peak training memory

@@ -3,7 +3,7 @@
 A spec lists methods, datasets, backbones (timm name plus where the weights come from), resolutions, seeds,
 per-method option grids and a learning-rate x weight-decay grid. Each (method, option point, dataset, backbone,
 resolution) is one *cell*: its grid is searched with the first seed on validation AUC, then the best point is run
-on every seed (methods spec §6.2). Errors name the file, the key and what is wrong.
+on every seed. Errors name the file, the key and what is wrong.
 """
 
 from __future__ import annotations
