@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from petlbench.core.results import ResultStore
@@ -560,3 +561,88 @@ def test_plot_memory_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert result.exit_code == 0, result.output
     assert calls == [(["full_ft", "fpt_plus"], "vit_large_patch16_224", [128, 256], 16, 48 * 2**30)]
     _png_ok([tmp_path / "figure2_memory_estimate.png"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Table II's step spread, Figure 1's seeds and Figure 9's data from stored runs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_table_efficiency_shows_the_step_spread_and_flags_unreliable_throughput(tmp_path: Path, runs) -> None:
+    assert "spread" not in [c.key for c in tbl.table_efficiency(runs, tbl.select_main(runs, None, None)).columns]
+    store = ResultStore(tmp_path / "results")
+    timing = {"fwd_gflops": 1.0, "train_seconds": 10.0, "train_images_per_s": 5.0}
+    store.save(make_record("full_ft", "dsA", 90.0, **timing, spread_pct=12.0))
+    store.save(make_record("bitfit", "dsA", 86.0, seed=0, **timing, spread_pct=20.0))
+    store.save(make_record("bitfit", "dsA", 87.0, seed=1, **timing, spread_pct=180.0))  # one noisy seed flags the row
+    store.save(make_record("lora", "dsA", 88.0, **timing))  # no spread recorded
+    cpu_runs = load_runs(store.root, fake_defaults)
+    table = tbl.table_efficiency(cpu_runs, tbl.select_main(cpu_runs, None, None))
+    assert table is not None
+    rows = {row.key: row.cells for row in table.sections[0].rows}
+    assert [c.key for c in table.columns].index("spread") == [c.key for c in table.columns].index("throughput") + 1
+    assert (rows["bitfit"]["spread"].text, rows["bitfit"]["spread"].mark) == ("180", tbl.UNRELIABLE_MARK)
+    assert rows["bitfit"]["throughput"].mark == tbl.UNRELIABLE_MARK
+    assert rows["full_ft"]["spread"].text == "12" and not rows["full_ft"]["throughput"].mark
+    assert rows["lora"]["spread"].text == "—" and not rows["lora"]["throughput"].mark
+    markdown = to_markdown(table)
+    assert "5.00‡" in markdown and "180‡" in markdown
+    assert "timed steps varied by more than 50 %: the throughput is unreliable" in markdown
+    assert r"$^{\ddagger}$" in to_latex(table) and "5.00‡" in to_csv(table)
+
+
+def test_figure1_data_has_seed_counts_and_the_std_over_seeds(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "results")
+    aucs = {0: (90.0, 80.0), 1: (92.0, 81.0), 2: (91.0, 85.0)}
+    for seed, (a, b) in aucs.items():
+        store.save(make_record("full_ft", "dsA", a, seed=seed))
+        store.save(make_record("full_ft", "dsB", b, seed=seed))
+    store.save(make_record("lora", "dsA", 88.0))
+    store.save(make_record("lora", "dsB", 78.0))
+    store.save(make_record("fpt_plus", "dsA", 89.0, seed=0))
+    store.save(make_record("fpt_plus", "dsA", 91.0, seed=1))
+    store.save(make_record("fpt_plus", "dsB", 84.0, seed=0))
+    out = tmp_path / "reports"
+    build_report(store.root, out, defaults=fake_defaults)
+    data = pd.read_csv(out / "figure1_auc_vs_params.csv").set_index("method")
+    per_seed = [(a + b) / 2 for a, b in aucs.values()]
+    assert data.loc["full_ft", "n_seeds"] == 3 and data.loc["full_ft", "auc_std"] == pytest.approx(
+        np.std(per_seed, ddof=1)
+    )
+    assert data.loc["lora", "n_seeds"] == 1 and math.isnan(data.loc["lora", "auc_std"])
+    # FPT+: two seeds on dsA, one on dsB: "(n=1–2)", and one seed ran on every dataset: no std
+    assert (data.loc["fpt_plus", "n_seeds"], data.loc["fpt_plus", "n_seeds_max"]) == (1, 2)
+    assert math.isnan(data.loc["fpt_plus", "auc_std"])
+
+
+def test_figure9_from_a_run_one_image_per_class_and_the_foreground_share(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "results")
+    store.save(make_record("fpt_plus", "dsA", 89.0, weights="random-init"))
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    image[:, :32] = 180  # foreground: patch columns 0 and 1 of the 4×4 grid
+    background = [4, 8, 12, 16]  # patches 3, 7, 11, 15 (class token 0 not counted)
+    every = np.array([[[[0, 1, *background]]]] * 4)  # [K=4, L=1, H=1, n]: 1 of 5 patch tokens on the foreground
+    save_introspection(
+        store.run_dir("fpt_plus-dsA-random-init-512-s0"),
+        {
+            "images": np.stack([image] * 4),
+            "token_indices": every[:, 0, 0],
+            "token_attention": np.full((4, 6), 0.1),
+            "selected_indices": every,
+            "patch_size": 16,
+            "layer": 11,
+            "head": 0,
+            "labels": np.array([1, 1, 0, 1]),
+        },
+    )
+    out = tmp_path / "reports"
+    index = build_report(store.root, out, defaults=fake_defaults).read_text()
+    line = next(t for t in index.splitlines() if t.startswith("- **Figure 9**"))
+    assert "FPT+, run fpt_plus-dsA-random-init-512-s0, weights random-init; one image per class" in line
+    assert "20% of selected tokens on the foreground" in line
+    assert "most selected tokens lie on the background" in line and "(figure9_token_attention.csv)" in line
+    data = pd.read_csv(out / "figure9_token_attention.csv")
+    assert data["image"].astype(str).tolist() == ["0", "2", "all"]  # classes 1 and 0, never class 1 twice
+    assert data["foreground_fraction"].tolist() == pytest.approx([0.2, 0.2, 0.2])
+    assert data["selected_patch_tokens"].tolist() == [5, 5, 10]
+    _png_ok([out / "figure9_token_attention.png"])

@@ -19,7 +19,14 @@ from petlbench.reports import figures as figs
 from petlbench.reports import tables as tbl
 from petlbench.reports.bootstrap import NOT_AVAILABLE, table_ci
 from petlbench.reports.collect import HPARAM_RULE, DefaultsFn, Runs, load_runs
-from petlbench.reports.introspection import FIG6_KEYS, FIG9_KEYS, load_introspection
+from petlbench.reports.introspection import (
+    FIG6_KEYS,
+    FIG9_KEYS,
+    foreground_counts,
+    foreground_fraction,
+    load_introspection,
+    one_per_class,
+)
 from petlbench.reports.model import Table
 from petlbench.reports.render import write_table
 
@@ -172,6 +179,7 @@ class ReportBuilder:
                     "avg_auc": cells["avg"].value if cells["avg"].has_value and cells["avg"].status == "ok" else None,
                     "mem_mb": cells["mem"].value if cells["mem"].has_value and cells["mem"].status == "ok" else None,
                     "mem_estimated": bool(cells["mem"].mark),
+                    **self._seed_spread(cells["avg"].run_ids),
                     "run_ids": ";".join(cells["avg"].run_ids),
                 }
             )
@@ -193,6 +201,19 @@ class ReportBuilder:
             f"({section.title}; {self.sel.describe()}).",
             _figure_files(paths, data),
         )
+
+    def _seed_spread(self, run_ids: Sequence[str]) -> dict[str, Any]:
+        """Figure 1's seed counts of an average AUC (fewest and most seeds per dataset) and its std over seeds: the
+        sample std of the per-seed averages over the datasets, from the seeds that ran on every dataset."""
+        df = self.runs.df
+        runs = df[df["run_id"].isin(list(run_ids)) & (df["status"] == FINISHED) & df["test_auc"].notna()]
+        if runs.empty:
+            return {"n_seeds": None, "n_seeds_max": None, "auc_std": None}
+        counts = runs.groupby("dataset")["seed"].nunique()
+        per_seed = runs.pivot_table(index="seed", columns="dataset", values="test_auc", aggfunc="mean").dropna()
+        averages = per_seed.mean(axis=1)
+        std = float(averages.std(ddof=1)) if len(averages) > 1 else None
+        return {"n_seeds": int(counts.min()), "n_seeds_max": int(counts.max()), "auc_std": std}
 
     def fig2(self, stem: Path) -> tuple[str, dict[str, Path]] | str:
         """Figure 2 from Table III's memory cells, else the estimator's figure if present."""
@@ -346,30 +367,84 @@ class ReportBuilder:
         )
 
     def fig9(self, stem: Path) -> tuple[str, dict[str, Path]] | str:
-        """Figure 9 from the first run with token-level introspection arrays."""
+        """Figure 9 from the first run with token-level introspection arrays: one image per class, the share of
+        selected tokens on the images' foreground in the subtitle and the data CSV."""
         found = self._introspected(["fpt_plus", "fpt"], FIG9_KEYS)
         if not found:
             return "no finished FPT+/FPT run has introspection.npz with images, token_indices and token_attention"
         run_id, arrays = found[0]
-        samples = []
-        for i in range(min(4, len(arrays["images"]))):
-            label = f"class {int(arrays['labels'][i])}:" if "labels" in arrays else ""
+        run = self.runs.df.loc[self.runs.df["run_id"] == run_id].iloc[0]
+        method, weights = str(run["method"]), str(run["weights"])
+        labels = arrays.get("labels")
+        shown = one_per_class(labels, len(arrays["images"]))
+        patch, prefix = int(arrays["patch_size"]), int(arrays.get("num_prefix_tokens", 1))
+        every = arrays.get("selected_indices")
+        samples: list[dict[str, Any]] = []
+        rows: list[dict[str, Any]] = []
+        for i in shown:
+            image = arrays["images"][i]
+            grid = (image.shape[0] // patch, image.shape[1] // patch)
+            chosen = every[i] if every is not None else arrays["token_indices"][i]
+            on, total = foreground_counts(image[None], np.asarray(chosen)[None], grid, prefix)
             samples.append(
                 {
-                    "image": arrays["images"][i],
+                    "image": image,
                     "token_indices": arrays["token_indices"][i],
                     "token_attention": arrays["token_attention"][i],
-                    "patch_size": int(arrays["patch_size"]),
-                    "num_prefix_tokens": int(arrays.get("num_prefix_tokens", 1)),
-                    "title": label,
+                    "selected_indices": every[i] if every is not None else None,
+                    "patch_size": patch,
+                    "num_prefix_tokens": prefix,
+                    "title": f"class {int(labels[i])}:" if labels is not None else "",
                 }
             )
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "method": method,
+                    "weights": weights,
+                    "image": i,
+                    "label": int(labels[i]) if labels is not None else None,
+                    "selected_patch_tokens": int(total[0]),
+                    "on_foreground": int(on[0]),
+                    "foreground_fraction": float(on[0] / total[0]) if total[0] else None,
+                    "counted_over": "every layer and head" if every is not None else "the shown layer and head",
+                }
+            )
+        images = np.stack([s["image"] for s in samples])
+        chosen_all = every[shown] if every is not None else arrays["token_indices"][shown]
+        grid = (images.shape[1] // patch, images.shape[2] // patch)
+        overall = foreground_fraction(images, chosen_all, grid, prefix)
+        rows.append(
+            {
+                **rows[-1],
+                "image": "all",
+                "label": None,
+                "selected_patch_tokens": sum(r["selected_patch_tokens"] for r in rows),
+                "on_foreground": sum(r["on_foreground"] for r in rows),
+                "foreground_fraction": overall if math.isfinite(overall) else None,
+            }
+        )
+        data = _write_csv(pd.DataFrame(rows).astype({"label": "Int64"}), stem.with_suffix(".csv"))
         where = f"layer {int(arrays['layer'])}" if "layer" in arrays else "top layer"
         where += f", head {int(arrays['head'])}" if "head" in arrays else ""
-        paths = figs.figure_token_attention(samples, stem, title=f"Selected tokens and prompt attention ({where})")
+        paths = figs.figure_token_attention(
+            samples,
+            stem,
+            title=f"Selected tokens and prompt attention ({where})",
+            method=self.runs.label(method),
+            run_id=run_id,
+            weights=weights,
+        )
+        share = f"{100 * overall:.0f}% of selected tokens on the foreground" if math.isfinite(overall) else ""
+        note = figs.background_note(overall, weights)
         return (
-            f"Selected important tokens (boxes) and the prompts' attention over them ({where}; run {run_id}).",
-            _figure_files(paths),
+            f"Selected important tokens (boxes) and the prompts' attention over them ({where}; "
+            f"{self.runs.label(method)}, run {run_id}, weights {weights}"
+            + ("; one image per class" if labels is not None else "")
+            + (f"; {share}" if share else "")
+            + ")."
+            + (f" {note}" if note else ""),
+            _figure_files(paths, data),
         )
 
 

@@ -8,17 +8,22 @@ No pyplot and no global backend switch: every function builds a `Figure`, writes
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.layout_engine import ConstrainedLayoutEngine
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+from petlbench.reports.introspection import foreground_counts, foreground_patches
 
 PALETTE = (
     "#1f77b4",
@@ -72,58 +77,136 @@ def _finite(value: Any) -> bool:
     return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def figure_auc_vs_params(
-    points: Sequence[Mapping[str, Any]], stem: str | Path, title: str = "", order: Sequence[str] = ()
-) -> list[Path]:
-    """Figure 1: average AUC against trainable-parameter ratio (log x), dot area ∝ memory, colour per method.
+def seed_text(point: Mapping[str, Any]) -> str:
+    """A point's seed count for labels: "(n=5)", "(n=1–3)" when the datasets had different counts, "" if unknown."""
+    low, high = point.get("n_seeds"), point.get("n_seeds_max", point.get("n_seeds"))
+    if not isinstance(low, int) or low < 1:
+        return ""
+    return f"(n={low})" if not isinstance(high, int) or high <= low else f"(n={low}–{high})"
 
-    Each point: method (key), label, ratio_pct, avg_auc, mem_mb (None: drawn as a hollow dot of fixed size).
+
+def size_key_values(values: Sequence[float], count: int = 3) -> list[float]:
+    """Up to `count` round values spanning the positive finite `values` (min..max), for a bubble-size key.
+
+    Round means 1, 2 or 5 times a power of ten where at least two such lie in the range (the smallest, the
+    largest, and the one nearest the geometric middle), else two significant digits rounded inwards.
     """
+    data = sorted(float(v) for v in values if _finite(v) and v > 0)
+    if not data or count < 1:
+        return []
+    low, high = data[0], data[-1]
+    if high <= low * 1.05 or count == 1:
+        return [_round_sig(high, 2)]  # one size (or one entry): the largest, at two significant digits
+    nice = [
+        m * 10.0**k for k in range(math.floor(math.log10(low)), math.floor(math.log10(high)) + 1) for m in (1, 2, 5)
+    ]
+    inside = [v for v in nice if low <= v <= high]
+    if len(inside) >= 2:
+        picks = [inside[0], inside[-1]]
+        middle = math.sqrt(low * high)
+        inner = inside[1:-1]
+        if count > 2 and inner:
+            picks.append(min(inner, key=lambda v: abs(math.log(v / middle))))
+    else:
+        sources = (low, math.sqrt(low * high), high) if count > 2 else (low, high)
+        picks = [_round_inward(v, low, high) for v in sources]
+    return sorted(set(picks))[:count]
+
+
+def _round_inward(value: float, low: float, high: float, digits: int = 2) -> float:
+    """`value` at `digits` significant digits, rounded so that it stays within [low, high]."""
+    rounded = _round_sig(value, digits)
+    if rounded < low or rounded > high:
+        scale = 10.0 ** (math.floor(math.log10(value)) - digits + 1)
+        step = round(value / scale, 9)
+        rounded = (math.ceil(step) if rounded < low else math.floor(step)) * scale
+    return float(rounded)
+
+
+def mem_text(mib: float) -> str:
+    """A memory figure for keys and labels: "20,000 MiB", "7.5 MiB", never "0 MiB" for a positive value."""
+    if mib >= 100:
+        return f"{mib:,.0f} MiB"
+    return f"{mib:.3g} MiB" if mib >= 1 else f"{mib:.2g} MiB"
+
+
+def draw_auc_vs_params(points: Sequence[Mapping[str, Any]], title: str = "", order: Sequence[str] = ()) -> Figure:
+    """Figure 1 on a new Figure (see `figure_auc_vs_params`)."""
     usable = [p for p in points if _finite(p.get("ratio_pct")) and _finite(p.get("avg_auc"))]
     if not usable:
         raise ValueError("Figure 1 needs at least one method with both a parameter ratio and an average AUC")
     colors = method_colors([p["method"] for p in usable], order)
     mems = [p["mem_mb"] for p in usable if _finite(p.get("mem_mb")) and p["mem_mb"] > 0]
     top = max(mems) if mems else 1.0
-    max_area = 1400.0
+    max_area, hollow_area = 1400.0, 60.0
 
     def area(mem: float) -> float:
         """Marker area (pt²) proportional to memory, with a visible minimum."""
         return max(max_area * mem / top, 12.0)
 
+    def has_mem(p: Mapping[str, Any]) -> bool:
+        """True if the point has a memory figure (a filled bubble)."""
+        return _finite(p.get("mem_mb")) and p["mem_mb"] > 0
+
+    def size(p: Mapping[str, Any]) -> float:
+        """The area a point is drawn with (hollow points: a fixed size)."""
+        return area(p["mem_mb"]) if has_mem(p) else hollow_area
+
     fig = new_figure(8.2, 4.8)
     ax = fig.add_subplot()
-    handles = []
-    for p in usable:
+    # large bubbles first and lowest: a small bubble is never hidden under a large one
+    drawn = sorted(usable, key=size, reverse=True)
+    for rank, p in enumerate(drawn):
         color = colors[p["method"]]
-        if _finite(p.get("mem_mb")) and p["mem_mb"] > 0:
+        if has_mem(p):
             ax.scatter(
                 p["ratio_pct"],
                 p["avg_auc"],
-                s=area(p["mem_mb"]),
+                s=size(p),
                 color=color,
                 alpha=0.6,
                 edgecolors="black",
                 linewidths=0.6,
-                zorder=3,
+                zorder=3 + rank,
             )
         else:
             ax.scatter(
-                p["ratio_pct"], p["avg_auc"], s=60, facecolors="none", edgecolors=color, linewidths=1.5, zorder=3
+                p["ratio_pct"],
+                p["avg_auc"],
+                s=hollow_area,
+                facecolors="none",
+                edgecolors=color,
+                linewidths=1.5,
+                zorder=3 + rank,
             )
-        handles.append(
-            Line2D(
-                [],
-                [],
-                marker="o",
-                linestyle="",
-                markersize=8,
-                markerfacecolor=color,
-                markeredgecolor="black",
-                alpha=0.8,
-                label=p.get("label", p["method"]),
+    for p in usable:  # error bars above every bubble
+        n_seeds = p.get("n_seeds")
+        if isinstance(n_seeds, int) and n_seeds > 1 and _finite(p.get("auc_std")):
+            ax.errorbar(
+                p["ratio_pct"],
+                p["avg_auc"],
+                yerr=p["auc_std"],
+                fmt="none",
+                ecolor=colors[p["method"]],
+                elinewidth=1.4,
+                capsize=4,
+                capthick=1.4,
+                zorder=4 + len(drawn),
             )
+    handles: list[Any] = [
+        Line2D(
+            [],
+            [],
+            marker="o",
+            linestyle="",
+            markersize=8,
+            markerfacecolor=colors[p["method"]],
+            markeredgecolor="black",
+            alpha=0.8,
+            label=" ".join(t for t in (str(p.get("label", p["method"])), seed_text(p)) if t),
         )
+        for p in usable
+    ]
     ax.set_xscale("log")
     if max(p["ratio_pct"] for p in usable) / min(p["ratio_pct"] for p in usable) < 100:
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # label 2 and 5 on short ranges
@@ -133,12 +216,13 @@ def figure_auc_vs_params(
     ax.set_ylabel("Average test AUC (×100)")
     ax.grid(True, which="both", alpha=0.3)
     ratios = [p["ratio_pct"] for p in usable]
-    aucs = [p["avg_auc"] for p in usable]
+    lows = [p["avg_auc"] - (p.get("auc_std") if _finite(p.get("auc_std")) else 0.0) for p in usable]
+    highs = [p["avg_auc"] + (p.get("auc_std") if _finite(p.get("auc_std")) else 0.0) for p in usable]
     ax.set_xlim(min(ratios) / 3, min(max(ratios) * 3, 200.0))  # ratios never exceed 100 %
-    span = max(aucs) - min(aucs)
+    span = max(highs) - min(lows)
     pad = max(span * 0.15, 0.5)
-    ax.set_ylim(min(aucs) - pad, max(aucs) + pad)
-    if any(not (_finite(p.get("mem_mb")) and p["mem_mb"] > 0) for p in usable):
+    ax.set_ylim(min(lows) - pad, max(highs) + pad)
+    if not all(has_mem(p) for p in usable):
         handles.append(
             Line2D(
                 [],
@@ -151,13 +235,30 @@ def figure_auc_vs_params(
                 label="(hollow: memory\nnot recorded)",
             )
         )
-    fig.legend(handles=handles, title="Method", loc="outside right upper", fontsize=8, title_fontsize=9, frameon=False)
+    if any(isinstance(p.get("n_seeds"), int) and p["n_seeds"] > 1 and _finite(p.get("auc_std")) for p in usable):
+        handles.append(Line2D([], [], color="grey", marker="_", markersize=10, label="± std over seeds"))
+    fig.legend(
+        handles=handles,
+        title="Method (n = seeds)",
+        loc="outside right upper",
+        fontsize=8,
+        title_fontsize=9,
+        frameon=False,
+    )
     if mems:
-        refs = sorted({_round_sig(top), _round_sig(top / 4), _round_sig(top / 16)})
         size_handles = [
-            ax.scatter([], [], s=area(m), color="grey", alpha=0.5, edgecolors="black", label=f"{m:,.0f} MiB")
-            for m in refs
-            if m > 0
+            Line2D(
+                [],
+                [],
+                marker="o",
+                linestyle="",
+                markersize=math.sqrt(area(m)),  # scatter sizes are areas (pt²), marker sizes diameters (pt)
+                markerfacecolor="grey",
+                markeredgecolor="black",
+                alpha=0.5,
+                label=mem_text(m),
+            )
+            for m in size_key_values(mems)
         ]
         fig.legend(
             handles=size_handles,
@@ -171,7 +272,19 @@ def figure_auc_vs_params(
             handletextpad=2.6,
         )
     ax.set_title(title or "Average AUC vs. trainable parameters\n(dot area ∝ peak training memory)", fontsize=10)
-    return save_figure(fig, stem)
+    return fig
+
+
+def figure_auc_vs_params(
+    points: Sequence[Mapping[str, Any]], stem: str | Path, title: str = "", order: Sequence[str] = ()
+) -> list[Path]:
+    """Figure 1: average AUC against trainable-parameter ratio (log x), dot area ∝ memory, colour per method.
+
+    Each point: method (key), label, ratio_pct, avg_auc, mem_mb (None: drawn as a hollow dot of fixed size),
+    optional n_seeds (and n_seeds_max when the datasets had different counts; shown as "(n=…)") and auc_std (std
+    over seeds of the average; an error bar when n_seeds > 1). Large bubbles are drawn first, small ones on top.
+    """
+    return save_figure(draw_auc_vs_params(points, title, order), stem)
 
 
 def _plain_number(value: float, _pos: int | None = None) -> str:
@@ -186,6 +299,154 @@ def _round_sig(value: float, digits: int = 1) -> float:
     return round(value, -int(math.floor(math.log10(value))) + digits - 1)
 
 
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def line_styles(count: int) -> list[tuple[str, str]]:
+    """(line style, marker) per series; no two of the first len(LINESTYLES) × len(MARKERS) share both.
+
+    Series i takes style i mod 4 and marker (i + block) mod 10, the block (i // lcm(4, 10)) shifting the markers
+    so the pairs repeat only after all 40 combinations.
+    """
+    cycle = math.lcm(len(LINESTYLES), len(MARKERS))
+    return [(LINESTYLES[i % len(LINESTYLES)], MARKERS[(i + i // cycle) % len(MARKERS)]) for i in range(count)]
+
+
+def spread_positions(values: Sequence[float], gap: float, low: float = 0.0, high: float = 1.0) -> list[float]:
+    """`values` (e.g. label heights in axes fractions) moved apart to at least `gap`, kept within [low, high]
+    where there is room, in their original order."""
+    order = sorted(range(len(values)), key=lambda i: (values[i], i))
+    placed = [float(values[i]) for i in order]
+    for j in range(1, len(placed)):
+        placed[j] = max(placed[j], placed[j - 1] + gap)
+    overflow = placed[-1] - high if placed else 0.0
+    if overflow > 0:
+        placed[-1] -= overflow
+        for j in range(len(placed) - 2, -1, -1):
+            placed[j] = min(placed[j], placed[j + 1] - gap)
+    if placed and placed[0] < low:
+        shift = low - placed[0]
+        placed = [v + shift for v in placed]  # more labels than room: keep the gaps, run past the top
+    out = [0.0] * len(values)
+    for i, v in zip(order, placed, strict=True):
+        out[i] = v
+    return out
+
+
+def draw_memory_vs_resolution(
+    rows: Sequence[Mapping[str, Any]],
+    gpu_mem_mb: float | None = None,
+    gpu_label: str = "",
+    labels: Mapping[str, str] | None = None,
+    title: str = "",
+    order: Sequence[str] = (),
+) -> Figure:
+    """Figure 2 on a new Figure (see `figure_memory_vs_resolution`)."""
+    labels = labels or {}
+    by_method: dict[str, list[tuple[int, float | None, bool]]] = {}
+    for row in rows:
+        mem = row.get("mem_mb", row.get("est_peak_mem_mb"))
+        by_method.setdefault(row["method"], []).append(
+            (int(row["res"]), mem if _finite(mem) else None, bool(row.get("oom")))
+        )
+    if not any(m is not None or oom for pts in by_method.values() for _, m, oom in pts):
+        raise ValueError("Figure 2 needs at least one memory value")
+    colors = method_colors(list(by_method), order)
+    styles = line_styles(len(by_method))
+    fig = new_figure(8.8, 5.4)
+    ax = fig.add_subplot()
+    resolutions = sorted({r for pts in by_method.values() for r, _, _ in pts})
+    ends: list[tuple[str, float, float]] = []  # (method, last resolution with a value, its memory in GiB)
+    for i, (method, pts) in enumerate(by_method.items()):
+        pts.sort()
+        xs = [r for r, m, _ in pts if m is not None]
+        ys = [m / 1024.0 for _, m, _ in pts if m is not None]
+        linestyle, marker = styles[i]
+        # line style × marker unique per method, every other marker hollow and the later lines thinner and on top:
+        # identical curves (Prompt-tuning / Adapter / BitFit) still show each of their markers
+        ax.plot(
+            xs,
+            ys,
+            marker=marker,
+            markersize=(7.5, 6.0, 4.5)[i % 3],
+            markerfacecolor=colors[method] if i % 2 == 0 else "none",
+            markeredgewidth=1.2,
+            linewidth=(1.8, 1.5, 1.2)[i % 3],
+            color=colors[method],
+            linestyle=linestyle,
+            label=labels.get(method, method),
+            alpha=0.9,
+            zorder=2 + i / max(len(by_method), 1),
+        )
+        if xs:
+            ends.append((method, xs[-1], ys[-1]))
+        ooms = [r for r, m, oom in pts if m is None and oom]
+        if ooms and gpu_mem_mb:
+            ax.scatter(ooms, [gpu_mem_mb / 1024.0] * len(ooms), marker="x", s=60, color=colors[method], zorder=4)
+    if gpu_mem_mb:
+        ax.axhline(
+            gpu_mem_mb / 1024.0,
+            color="red",
+            linewidth=1.8,
+            linestyle="--",
+            label=f"GPU memory ({gpu_label or f'{gpu_mem_mb / 1024:.0f} GiB'})",
+        )
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(FuncFormatter(_plain_number))
+    ax.set_xticks(resolutions)
+    ax.set_xticklabels([str(r) for r in resolutions], rotation=45 if len(resolutions) > 6 else 0)
+    ax.set_xlabel("Input resolution (px, square)")
+    ax.set_ylabel("Peak training memory (GiB, log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    _direct_labels(ax, ends, colors, labels)
+    fig.legend(loc="outside lower center", fontsize=8, frameon=False, ncol=min(4, len(by_method) + 1))
+    ax.set_title(title or "Training memory vs. input resolution", fontsize=10)
+    return fig
+
+
+def _direct_labels(
+    ax: Any, ends: Sequence[tuple[str, float, float]], colors: Mapping[str, str], labels: Mapping[str, str]
+) -> None:
+    """Name each line at its right end: lines reaching the last resolution in the right margin (moved apart, with
+    a leader to the end point), the others just right of their last point."""
+    if not ends:
+        return
+    ax.autoscale_view()
+    ax.set_xlim(*ax.get_xlim())  # freeze the limits the label positions are computed in
+    ax.set_ylim(*ax.get_ylim())
+    right = max(x for _, x, _ in ends)
+    to_axes = ax.transAxes.inverted()
+    margin = [(m, x, y) for m, x, y in ends if x == right]
+    heights = [float(to_axes.transform(ax.transData.transform((x, y)))[1]) for _, x, y in margin]
+    for (method, x, y), height in zip(margin, spread_positions(heights, gap=0.055), strict=True):
+        ax.annotate(
+            labels.get(method, method),
+            xy=(x, y),
+            xytext=(1.03, height),
+            textcoords="axes fraction",
+            va="center",
+            ha="left",
+            fontsize=8,
+            color=colors[method],
+            annotation_clip=False,
+            arrowprops={"arrowstyle": "-", "color": colors[method], "linewidth": 0.7, "shrinkA": 0, "shrinkB": 3},
+        )
+    for method, x, y in ends:
+        if x != right:
+            ax.annotate(
+                labels.get(method, method),
+                xy=(x, y),
+                xytext=(6, 0),
+                textcoords="offset points",
+                va="center",
+                ha="left",
+                fontsize=8,
+                color=colors[method],
+            )
+
+
 def figure_memory_vs_resolution(
     rows: Sequence[Mapping[str, Any]],
     stem: str | Path,
@@ -198,60 +459,10 @@ def figure_memory_vs_resolution(
     """Figure 2: training memory against input resolution per method, with a line at the GPU's memory.
 
     Each row: method, res, and mem_mb or est_peak_mem_mb (MiB; None = unknown), optional `oom` (ran out of
-    memory without a figure: drawn as × on the GPU line). Values above the budget are drawn as they are.
+    memory without a figure: drawn as × on the GPU line). Values above the budget are drawn as they are. Every
+    method has its own line style × marker and a label at the right end of its line (legend below).
     """
-    labels = labels or {}
-    by_method: dict[str, list[tuple[int, float | None, bool]]] = {}
-    for row in rows:
-        mem = row.get("mem_mb", row.get("est_peak_mem_mb"))
-        by_method.setdefault(row["method"], []).append(
-            (int(row["res"]), mem if _finite(mem) else None, bool(row.get("oom")))
-        )
-    if not any(m is not None or oom for pts in by_method.values() for _, m, oom in pts):
-        raise ValueError("Figure 2 needs at least one memory value")
-    colors = method_colors(list(by_method), order)
-    fig = new_figure(8.2, 4.8)
-    ax = fig.add_subplot()
-    resolutions = sorted({r for pts in by_method.values() for r, _, _ in pts})
-    for i, (method, pts) in enumerate(by_method.items()):
-        pts.sort()
-        xs = [r for r, m, _ in pts if m is not None]
-        ys = [m / 1024.0 for _, m, _ in pts if m is not None]
-        # markers and dashes vary too, so near-identical curves (LoRA/AdaLoRA) stay distinguishable
-        ax.plot(
-            xs,
-            ys,
-            marker=MARKERS[i % len(MARKERS)],
-            markersize=5,
-            linewidth=1.5,
-            color=colors[method],
-            linestyle=("-", "--", "-.", ":")[(i // 2) % 4],
-            label=labels.get(method, method),
-            alpha=0.9,
-        )
-        ooms = [r for r, m, oom in pts if m is None and oom]
-        if ooms and gpu_mem_mb:
-            ax.scatter(ooms, [gpu_mem_mb / 1024.0] * len(ooms), marker="x", s=60, color=colors[method], zorder=4)
-    if gpu_mem_mb:
-        ax.axhline(
-            gpu_mem_mb / 1024.0,
-            color="red",
-            linewidth=1.8,
-            linestyle="--",
-            label=f"GPU memory\n({gpu_label or f'{gpu_mem_mb / 1024:.0f} GiB'})",
-        )
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.yaxis.set_major_formatter(FuncFormatter(_plain_number))
-    ax.set_xticks(resolutions)
-    ax.set_xticklabels([str(r) for r in resolutions], rotation=45 if len(resolutions) > 6 else 0)
-    ax.set_xlabel("Input resolution (px, square)")
-    ax.set_ylabel("Peak training memory (GiB, log scale)")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
-    ax.set_title(title or "Training memory vs. input resolution", fontsize=10)
-    return save_figure(fig, stem)
+    return save_figure(draw_memory_vs_resolution(rows, gpu_mem_mb, gpu_label, labels, title, order), stem)
 
 
 def figure_sweep(
@@ -382,53 +593,149 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def figure_token_attention(samples: Sequence[Mapping[str, Any]], stem: str | Path, title: str = "") -> list[Path]:
-    """Figure 9: per image, the selected important tokens as boxes (left) and the prompts' attention on them.
+RANDOM_INIT = "random-init"
 
-    Each sample: image [H, W, 3], token_indices [n] (sequence indices, class token = 0 skipped),
-    token_attention [n], patch_size, optional num_prefix_tokens (default 1) and title.
-    """
+
+def background_note(fraction: float, weights: str = "") -> str:
+    """The warning drawn on Figure 9 when most selected tokens lie on the background ("" otherwise)."""
+    if not math.isfinite(fraction) or fraction >= 0.5:
+        return ""
+    note = f"Note: most selected tokens lie on the background ({100 * (1 - fraction):.0f}%)"
+    if weights == RANDOM_INIT:
+        return note + " — with a random-init LPM the importance scores carry no meaning."
+    return note + " — the importance scores do not pick out the image content here."
+
+
+def figure9_heading(method: str = "", run_id: str = "", weights: str = "") -> str:
+    """Figure 9's title: "FPT+ · run fpt_plus-abc123 · weights random-init" (the parts that are known)."""
+    parts = [method, f"run {run_id}" if run_id else "", f"weights {weights}" if weights else ""]
+    return " · ".join(p for p in parts if p)
+
+
+def _sample_grid(sample: Mapping[str, Any], image: np.ndarray) -> tuple[int, int, int]:
+    """(patch size, grid rows, grid columns) of a Figure 9 sample."""
+    patch = int(sample["patch_size"])
+    return patch, image.shape[0] // patch, image.shape[1] // patch
+
+
+def _sample_heat(sample: Mapping[str, Any], rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """(selected patch numbers, [rows, cols] attention summed per patch with NaN where none was selected)."""
+    prefix = int(sample.get("num_prefix_tokens", 1))
+    idx = np.asarray(sample["token_indices"]).astype(int).ravel()
+    att = np.asarray(sample["token_attention"], dtype=float).ravel()
+    keep = (idx >= prefix) & (idx - prefix < rows * cols)
+    patches, weights = idx[keep] - prefix, att[keep]
+    heat = np.full((rows, cols), np.nan)
+    for p, w in zip(patches, weights, strict=True):
+        row, col = divmod(int(p), cols)
+        heat[row, col] = w if np.isnan(heat[row, col]) else heat[row, col] + w
+    return patches, heat
+
+
+def draw_token_attention(
+    samples: Sequence[Mapping[str, Any]],
+    title: str = "",
+    method: str = "",
+    run_id: str = "",
+    weights: str = "",
+) -> tuple[Figure, float]:
+    """Figure 9 on a new Figure (see `figure_token_attention`); also returns the foreground fraction."""
     if not samples:
         raise ValueError("Figure 9 needs at least one image")
-    fig = new_figure(6.4, 3.1 * len(samples) + 0.4)
+    images = [_as_rgb(s["image"]) for s in samples]
+    grids = [_sample_grid(s, image) for s, image in zip(samples, images, strict=True)]
+    on, total = np.zeros(len(samples), dtype=np.int64), np.zeros(len(samples), dtype=np.int64)
+    for k, (sample, image, (_, rows, cols)) in enumerate(zip(samples, images, grids, strict=True)):
+        chosen = sample.get("selected_indices")
+        chosen = np.asarray(sample["token_indices"] if chosen is None else chosen)
+        counts = foreground_counts(image[None], chosen[None], (rows, cols), int(sample.get("num_prefix_tokens", 1)))
+        on[k], total[k] = counts[0][0], counts[1][0]
+    fractions = [float(o / t) if t else math.nan for o, t in zip(on, total, strict=True)]
+    overall = float(on.sum() / total.sum()) if total.sum() else math.nan
+    every_layer = all(s.get("selected_indices") is not None for s in samples)
+    heats = [_sample_heat(s, rows, cols) for s, (_, rows, cols) in zip(samples, grids, strict=True)]
+    finite = [h[np.isfinite(h)] for _, h in heats]
+    top = max((float(v.max()) for v in finite if v.size), default=1.0)
+    norm = Normalize(vmin=0.0, vmax=top if top > 0 else 1.0)  # one colour scale for every image
+    fig = new_figure(6.8, 3.0 * len(samples) + 1.2)
     axes = fig.subplots(len(samples), 2, squeeze=False)
-    for (ax_box, ax_att), sample in zip(axes, samples, strict=True):
-        image = _as_rgb(sample["image"])
-        height, width = image.shape[:2]
-        patch = int(sample["patch_size"])
-        prefix = int(sample.get("num_prefix_tokens", 1))
-        grid_w = width // patch
-        idx = np.asarray(sample["token_indices"]).astype(int).ravel()
-        att = np.asarray(sample["token_attention"], dtype=float).ravel()
-        keep = idx >= prefix
-        patches, weights = idx[keep] - prefix, att[keep]
-        heat = np.full((height // patch, grid_w), np.nan)
-        for p, w in zip(patches, weights, strict=True):
-            row, col = divmod(int(p), grid_w)
-            if row < heat.shape[0]:
-                heat[row, col] = w if np.isnan(heat[row, col]) else heat[row, col] + w
-                ax_box.add_patch(
-                    Rectangle(
-                        (col * patch - 0.5, row * patch - 0.5),
-                        patch,
-                        patch,
-                        fill=False,
-                        edgecolor="lime",
-                        linewidth=1.2,
-                    )
+    for (ax_box, ax_att), sample, image, (patch, rows, cols), (patches, heat), fraction in zip(
+        axes, samples, images, grids, heats, fractions, strict=True
+    ):
+        mask = foreground_patches(image, (rows, cols))
+        for p in patches:
+            row, col = divmod(int(p), cols)
+            on_fg = bool(mask[row, col])
+            corner = (col * patch - 0.5, row * patch - 0.5)
+            ax_box.add_patch(
+                Rectangle(
+                    corner,
+                    patch,
+                    patch,
+                    fill=False,
+                    edgecolor="lime" if on_fg else "magenta",
+                    linestyle="-" if on_fg else "--",  # symbols, not only colour
+                    linewidth=1.2,
                 )
+            )
+            # a thin outline: low attention (near black) stays visible on a black background
+            ax_att.add_patch(Rectangle(corner, patch, patch, fill=False, edgecolor="white", linewidth=0.4, zorder=3))
         ax_box.imshow(image)
-        ax_box.set_title(f"{sample.get('title', '')} selected tokens ({len(patches)})".strip(), fontsize=9)
+        where = "all layers/heads" if sample.get("selected_indices") is not None else "shown head"
+        share = f"{100 * fraction:.0f}% on the foreground ({where})" if math.isfinite(fraction) else "none on the image"
+        ax_box.set_title(f"{sample.get('title', '')} {len(patches)} tokens shown\n{share}".strip(), fontsize=8.5)
         ax_att.imshow(image)
-        extent = (-0.5, grid_w * patch - 0.5, heat.shape[0] * patch - 0.5, -0.5)  # pixel-centre coordinates
-        shown = ax_att.imshow(heat, cmap="inferno", alpha=0.65, extent=extent, interpolation="nearest")
-        ax_att.set_xlim(-0.5, width - 0.5)
-        ax_att.set_ylim(height - 0.5, -0.5)
-        fig.colorbar(shown, ax=ax_att, fraction=0.046, pad=0.03, label="prompt attention")
-        ax_att.set_title("attention of the prompts", fontsize=9)
+        extent = (-0.5, cols * patch - 0.5, rows * patch - 0.5, -0.5)  # pixel-centre coordinates
+        ax_att.imshow(heat, cmap="inferno", norm=norm, alpha=0.65, extent=extent, interpolation="nearest")
+        ax_att.set_xlim(-0.5, image.shape[1] - 0.5)
+        ax_att.set_ylim(image.shape[0] - 0.5, -0.5)
+        ax_att.set_title("attention of the prompts", fontsize=8.5)
         for ax in (ax_box, ax_att):
             ax.set_xticks([])
             ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=11)
+    fig.colorbar(
+        ScalarMappable(norm=norm, cmap="inferno"),
+        ax=list(axes[:, 1]),
+        fraction=0.05,
+        pad=0.03,
+        aspect=20 * len(samples),  # as long as the column of images
+        label="prompt attention (one scale for all images)",
+    )
+    scope = "over every layer and head" if every_layer else "shown layer and head"
+    share_line = (
+        f"{100 * overall:.0f}% of selected tokens on the foreground ({scope})\n"
+        "boxes: solid = foreground patch, dashed = background patch"
+        if math.isfinite(overall)
+        else "no selected patch tokens"
+    )
+    heading = figure9_heading(method, run_id, weights)
+    fig.suptitle("\n".join(t for t in (heading, title, share_line) if t), fontsize=10)
+    note = background_note(overall, weights)
+    if note:
+        fig.supxlabel(
+            textwrap.fill(note, 84),
+            fontsize=9,
+            color="#8b0000",
+            bbox={"boxstyle": "round,pad=0.4", "facecolor": "#fff3cd", "edgecolor": "#8b0000"},
+        )
+    return fig, overall
+
+
+def figure_token_attention(
+    samples: Sequence[Mapping[str, Any]],
+    stem: str | Path,
+    title: str = "",
+    method: str = "",
+    run_id: str = "",
+    weights: str = "",
+) -> list[Path]:
+    """Figure 9: per image, the selected important tokens as boxes (left) and the prompts' attention on them.
+
+    Each sample: image [H, W, 3] (un-normalised), token_indices [n] (sequence indices, class token = 0 skipped),
+    token_attention [n], patch_size, optional num_prefix_tokens (default 1), title, and selected_indices [L, H, n]
+    (every layer and head; the foreground fraction counts over them, else over token_indices). One colour scale
+    and colorbar for all images; the heading names method, run and weights; the subtitle gives the share of
+    selected tokens on the foreground (`introspection.foreground_fraction`), with a note when under half.
+    """
+    fig, _ = draw_token_attention(samples, title, method, run_id, weights)
     return save_figure(fig, stem)

@@ -20,12 +20,19 @@ Figure 9 — selected important tokens and the prompts' attention over them, for
     patch_size               int []         the LPM's patch size in pixels of `images`.
     num_prefix_tokens        int []         tokens before the first patch (default 1, the class token).
     layer, head              int []         which LPM layer (0-based) and head are shown.
-    labels                   int [K]        class labels (optional, shown in titles).
+    labels                   int [K]        class labels (optional, shown in titles; one image per class is drawn).
+    selected_indices         int [K, L, H, n] (or [K, L, n] for MLP fusion) the selected tokens of every fed layer
+                                            and head (optional; the foreground fraction counts over all of them).
+
+The foreground of an image (`foreground_patches`) is the set of patches more than half of whose pixels are brighter
+than 10/255 of full scale (mean over RGB of the un-normalised image): the black surround of a fundus photograph is
+background. `foreground_fraction` is the share of the selected tokens that fall on it.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,7 +55,9 @@ KNOWN_KEYS = (
     "layer",
     "head",
     "labels",
+    "selected_indices",
 )
+FOREGROUND_THRESHOLD = 10 / 255  # a pixel brighter than this share of full scale (mean over RGB) is foreground
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -74,6 +83,10 @@ def validate_introspection(arrays: Mapping[str, np.ndarray]) -> None:
             raise ValueError("images must be [K, H, W, 3] (or [K, H, W, 1])")
         if idx.ndim != 2 or att.shape != idx.shape or idx.shape[0] != images.shape[0]:
             raise ValueError("token_indices and token_attention must both be [K, n] with K = number of images")
+    if "selected_indices" in arrays:
+        chosen = arrays["selected_indices"]
+        if chosen.ndim not in (3, 4) or ("images" in arrays and chosen.shape[0] != arrays["images"].shape[0]):
+            raise ValueError("selected_indices must be [K, L, H, n] or [K, L, n] with K = number of images")
 
 
 def save_introspection(run_dir: str | Path, arrays: Mapping[str, Any]) -> Path:
@@ -132,7 +145,9 @@ def introspection_arrays(
     if selected is None:
         token_indices = np.broadcast_to(np.arange(token_attention.shape[-1]), token_attention.shape).copy()
     else:
-        chosen = _to_numpy(selected)[:k, layer]
+        every = _to_numpy(selected)[:k]
+        out["selected_indices"] = every.astype(np.int32)  # every fed layer and head, for the foreground fraction
+        chosen = every[:, layer]
         token_indices = chosen[:, head] if chosen.ndim == 3 else chosen
     lpm_layers = list(maps.get("lpm_layers") or [])
     out.update(
@@ -147,3 +162,84 @@ def introspection_arrays(
     if labels is not None:
         out["labels"] = _to_numpy(labels)[:k].astype(np.int64)
     return out
+
+
+def one_per_class(labels: Any | None, count: int, limit: int = 4) -> list[int]:
+    """Indices of the images to draw: the first image of each class in order of appearance, at most `limit`.
+
+    Without labels the first `limit` of the `count` images (their classes are unknown).
+    """
+    if labels is None:
+        return list(range(min(count, limit)))
+    seen: set[int] = set()
+    chosen: list[int] = []
+    for index, label in enumerate(np.asarray(labels).ravel()[:count].tolist()):
+        if int(label) not in seen and len(chosen) < limit:
+            seen.add(int(label))
+            chosen.append(index)
+    return chosen
+
+
+def _grid_shape(grid: int | tuple[int, int]) -> tuple[int, int]:
+    """(rows, columns) of a patch grid given as one side or as a pair."""
+    if isinstance(grid, tuple):
+        return int(grid[0]), int(grid[1])
+    return int(grid), int(grid)
+
+
+def foreground_patches(
+    image: np.ndarray, grid: int | tuple[int, int], threshold: float = FOREGROUND_THRESHOLD
+) -> np.ndarray:
+    """Bool [rows, cols]: patches more than half of whose pixels are brighter than `threshold` of full scale.
+
+    `image` is un-normalised, [H, W, C] (or [H, W]): uint8 (full scale 255) or float (full scale 1, or 255 when
+    its values exceed 1.5); brightness is the mean over the channels.
+    """
+    pixels = np.asarray(image)
+    scale = 255.0 if pixels.dtype == np.uint8 or float(np.nanmax(pixels, initial=0.0)) > 1.5 else 1.0
+    bright = (pixels.astype(np.float64).mean(axis=-1) if pixels.ndim == 3 else pixels.astype(np.float64)) > (
+        threshold * scale
+    )
+    rows, cols = _grid_shape(grid)
+    ph, pw = bright.shape[0] // rows, bright.shape[1] // cols
+    if ph < 1 or pw < 1:
+        raise ValueError(f"a {bright.shape[0]}x{bright.shape[1]} image cannot hold a {rows}x{cols} patch grid")
+    share = bright[: rows * ph, : cols * pw].reshape(rows, ph, cols, pw).mean(axis=(1, 3))
+    return np.asarray(share > 0.5)
+
+
+def foreground_counts(
+    images: Any, indices: Any, grid: int | tuple[int, int], num_prefix_tokens: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: (selected patch tokens on the foreground, selected patch tokens in all)."""
+    pics = np.asarray(images)
+    chosen = np.asarray(indices)
+    if len(chosen) != len(pics):
+        raise ValueError(f"{len(pics)} images but selected indices for {len(chosen)}")
+    rows, cols = _grid_shape(grid)
+    on, total = np.zeros(len(pics), dtype=np.int64), np.zeros(len(pics), dtype=np.int64)
+    for k in range(len(pics)):
+        mask = foreground_patches(pics[k], (rows, cols)).ravel()
+        patches = chosen[k].astype(np.int64).ravel() - int(num_prefix_tokens)
+        patches = patches[(patches >= 0) & (patches < rows * cols)]
+        on[k], total[k] = int(mask[patches].sum()), patches.size
+    return on, total
+
+
+def foreground_fractions(
+    images: Any, indices: Any, grid: int | tuple[int, int], num_prefix_tokens: int = 1
+) -> np.ndarray:
+    """Per image, the share of its selected patch tokens (over every layer and head given) on the foreground.
+
+    `images` [K, H, W, C]; `indices` [K, ...] sequence positions (position p + num_prefix_tokens is patch p of the
+    row-major grid; class/prefix tokens and positions off the grid are not counted). NaN for an image without any.
+    """
+    on, total = foreground_counts(images, indices, grid, num_prefix_tokens)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, on / np.maximum(total, 1), np.nan)
+
+
+def foreground_fraction(images: Any, indices: Any, grid: int | tuple[int, int], num_prefix_tokens: int = 1) -> float:
+    """The share of all selected patch tokens (every image, layer and head given) on the images' foreground."""
+    on, total = foreground_counts(images, indices, grid, num_prefix_tokens)
+    return float(on.sum() / total.sum()) if total.sum() else math.nan

@@ -14,7 +14,8 @@ from typing import Any
 
 import pandas as pd
 
-from petlbench.core.results import FINISHED
+from petlbench.core.record import flat_efficiency
+from petlbench.core.results import FINISHED, ResultStore
 from petlbench.reports.collect import (
     ESTIMATED_MARK,
     HPARAM_RULE,
@@ -83,9 +84,9 @@ KEY_LABELS = {
     "dataset": "dataset",
 }
 SETTING_RULE = (
-    "the (backbone, resolution, batch size, epochs, augmentation pipeline) tuple with the most finished default-option runs (all runs if "
-    "none finished), tuples with a missing value last; ties: the most method × dataset cells, then the last in "
-    "(backbone, resolution, batch size, epochs) order"
+    "the (backbone, resolution, batch size, epochs, augmentation pipeline) tuple with the most finished "
+    "default-option runs (all runs if none finished), tuples with a missing value last; ties: the most method × "
+    "dataset cells, then the last in (backbone, resolution, batch size, epochs, augmentation pipeline) order"
 )
 
 
@@ -573,15 +574,62 @@ def _first_number(*values: Any) -> float | None:
 
 
 def _efficiency_cells(frame: pd.DataFrame) -> dict[str, Cell]:
-    """Table II's cells for one method's (or the preloading step's) runs."""
+    """Table II's cells for one method's (or the preloading step's) runs; a throughput from timed steps that varied
+    by more than SPREAD_LIMIT_PCT is marked UNRELIABLE_MARK."""
+    spread = _spread_cell(frame)
+    throughput = mean_cell(frame, "train_images_per_s", 2)
+    if spread.mark and throughput.has_value:
+        throughput.mark = UNRELIABLE_MARK
     return {
         "flops": mean_cell(frame, "fwd_gflops", 2, adaptive=True),
         "time": mean_cell(frame, "train_seconds", 2),
-        "throughput": mean_cell(frame, "train_images_per_s", 2),
+        "throughput": throughput,
+        "spread": spread,
         "peak_w": power_cell(frame, "peak_power_w", 2),
         "mean_w": power_cell(frame, "mean_power_w", 2),
         "energy": power_cell(frame, "energy_j", 2, scale=1e-3),
     }
+
+
+UNRELIABLE_MARK = "‡"  # † already marks estimated memory elsewhere in the report
+SPREAD_LIMIT_PCT = 50.0
+SPREAD_NOTE = (
+    "Step spread: (slowest − fastest timed training step) / median step, in %, the largest over the seeds; "
+    f"{UNRELIABLE_MARK} timed steps varied by more than {SPREAD_LIMIT_PCT:.0f} %: the throughput is unreliable."
+)
+
+
+def _spread_cell(frame: pd.DataFrame) -> Cell:
+    """The largest step-time spread (%) of the finished runs, marked UNRELIABLE_MARK above SPREAD_LIMIT_PCT."""
+    if "spread_pct" not in frame.columns:
+        return Cell(MISSING, status="missing", source="no timed steps")
+    finished = frame[frame["status"] == FINISHED] if not frame.empty else frame
+    have = finished[finished["spread_pct"].notna()] if not finished.empty else finished
+    if have.empty:
+        return no_value_cell(frame)
+    value = float(max(float(v) for v in have["spread_pct"]))
+    return Cell(
+        f"{value:.0f}",
+        value=value,
+        n=len(have),
+        status="ok",
+        mark=UNRELIABLE_MARK if value > SPREAD_LIMIT_PCT else "",
+        run_ids=ids(have),
+        source=f"largest over {len(have)} run(s)",
+    )
+
+
+def with_step_spread(runs: Runs, pool: pd.DataFrame) -> pd.DataFrame:
+    """`pool` with each run's `spread_pct` (timed-step spread, %): the row's own field when the rows carry it, else
+    read from the run's stored record (None where neither has it)."""
+    if "spread_pct" in pool.columns:
+        return pool
+    values: list[float | None] = []
+    store = ResultStore(runs.root) if runs.root is not None else None
+    for run_id, status in zip(pool["run_id"], pool["status"], strict=True):
+        record = store.load(str(run_id)) if store is not None and status == FINISHED else None
+        values.append(_first_number(flat_efficiency((record or {}).get("efficiency")).get("spread_pct")))
+    return pool.assign(spread_pct=values)
 
 
 def resolve_dataset(df: pd.DataFrame, dataset: str) -> str:
@@ -612,12 +660,14 @@ def table_efficiency(
     weights = most_common(finished[finished["dataset"] == dataset]["weights"])
     if weights is None:
         return None  # no finished run on that dataset at the main setting
-    pool = select_hparams(_filter(pool, dataset=dataset, weights=weights), ["method"])
+    pool = with_step_spread(runs, select_hparams(_filter(pool, dataset=dataset, weights=weights), ["method"]))
     units = sorted({str(u) for u in pool.loc[pool["status"] == FINISHED, "flops_unit"].dropna()})
+    has_spread = bool(pool.loc[pool["status"] == FINISHED, "spread_pct"].notna().any())
     columns = [
         Column("flops", "FLOPs (G)", "min", 6),
         Column("time", "Total training time (s)", "min", 2),
         Column("throughput", "Throughput (img/s)", "max", 2),
+        *([Column("spread", "Step spread (%)", None, 0)] if has_spread else []),
         Column("peak_w", "Peak power (W)", "min", 2),
         Column("mean_w", "Avg. power (W)", "min", 2),
         Column("energy", "Energy (kJ)", "min", 2),
@@ -648,6 +698,8 @@ def table_efficiency(
                 ranked=method not in reference,
             )
         )
+    if has_spread:
+        notes.append(SPREAD_NOTE)
     table = Table(
         key="table2_efficiency",
         number="II",
