@@ -109,12 +109,12 @@ def test_run_writes_results_and_skips_on_rerun(tmp_path: Path) -> None:
 
 
 def _write_bad_dataset(root: Path) -> list[str]:
-    for split, count in (("train", 4), ("val", 2), ("test", 2)):
+    for k, (split, count) in enumerate((("train", 4), ("val", 2), ("test", 2))):
         for cls, colour in (("a", (200, 30, 30)), ("b", (30, 30, 200))):
             folder = root / split / cls
             folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                Image.new("RGB", (40, 40), colour).save(folder / f"{i}.png")
+            for i in range(count):  # distinct pixels: identical files across splits would be refused as leakage
+                Image.new("RGB", (40, 40), (colour[0], colour[1] + 10 * k + i, colour[2])).save(folder / f"{i}.png")
     bad = root / "train" / "a"
     (bad / "empty.png").write_bytes(b"")
     full = bad / "full.jpg"

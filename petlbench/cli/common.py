@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
 import typer
@@ -30,6 +31,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return tuple(errors)
+
+
+def plain_log(target: Console) -> Callable[[str], None]:
+    """A log function printing on `target` exactly what it is given: error text, paths and options can hold
+    brackets ("[/x]") that console markup would read as tags (and abort on)."""
+
+    def log(message: str) -> None:
+        target.print(message, markup=False, highlight=False, soft_wrap=True)
+
+    return log
 
 
 def fail(message: str) -> NoReturn:

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from petlbench.cli.common import check_amp, check_attention, console, err_console, fail, user_errors
+from petlbench.cli.common import check_amp, check_attention, console, err_console, fail, plain_log, user_errors
 
 app = typer.Typer(
     help="Compare parameter-efficient transfer learning methods (FPT+, FPT, LoRA, ...) on high-resolution images.",
@@ -28,12 +29,14 @@ app.add_typer(datasets_app, name="datasets")
 COMMAND_MODULES = ("petlbench.cli.profile", "petlbench.cli.report", "petlbench.cli.sweep")
 
 
-def _fmt_pm(pair: tuple[float, float]) -> str:
-    mean, std = pair
-    return "—" if not math.isfinite(mean) else f"{mean:.2f} ± {std:.2f}"
+RUN_EXIT_CODES = (
+    "Exit status: 0 every run finished (now, or in an earlier invocation; runs another process is training are "
+    "skipped); 1 a run failed or ran out of memory (the other runs still ran, and are stored); 2 bad input or an "
+    "unusable results folder, found before any training."
+)
 
 
-@app.command()
+@app.command(epilog=RUN_EXIT_CODES)
 def run(
     methods: Annotated[
         str, typer.Option(help="'all' or comma-separated method keys (see `petlbench methods`).")
@@ -68,8 +71,8 @@ def run(
     reports_dir: Annotated[Path, typer.Option("--reports", help="Report folder for --report.")] = Path("reports"),
 ) -> None:
     """Train and evaluate methods on one dataset with the papers' protocol; store and summarise results."""
-    from petlbench.core.results import ResultStore
-    from petlbench.engine.runner import RunRequest, execute, resolve, summarise
+    from petlbench.core.results import FAILED, OOM, ResultStore
+    from petlbench.engine.runner import RunRequest, check_results_folder, execute, format_mean_std, resolve, summarise
     from petlbench.engine.training import ProgressHooks
     from petlbench.reports.callbacks import run_callbacks
 
@@ -101,21 +104,22 @@ def run(
         workers=workers,
     )
     try:
-        resolved = resolve(request, log=console.print)
+        check_results_folder(results)  # before resolve, which may write a generated split there
+        resolved = resolve(request, log=plain_log(console))
     except user_errors() as err:
         fail(str(err))
     except ValueError as err:
         fail(str(err))
     for note in resolved.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
     first = resolved.configs[0][1]
     console.print(
-        f"dataset [bold]{resolved.source.name}[/bold] ({resolved.source.num_classes} classes, split "
+        f"dataset [bold]{escape(resolved.source.name)}[/bold] ({resolved.source.num_classes} classes, split "
         f"{resolved.source.split_origin}, {len(resolved.source.samples)} images) · backbone {first.backbone} "
         f"({first.weights}) · {first.res}px · {first.epochs} epochs · batch {first.batch_size} · "
         f"lr {first.lr:g} · device {first.device} · {len(resolved.configs)} runs"
     )
-    store = ResultStore(results)
+    store = ResultStore(results, log=plain_log(err_console))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         runs_task = progress.add_task("runs", total=len(resolved.configs))
@@ -131,19 +135,29 @@ def run(
         def on_batch(done: int, total: int, phase: str) -> None:
             progress.update(batch_task, completed=done, total=total, visible=True, description=phase)
 
-        hooks = ProgressHooks(on_epoch=on_epoch, on_batch=on_batch, log=progress.console.print)
+        hooks = ProgressHooks(on_epoch=on_epoch, on_batch=on_batch, log=plain_log(progress.console))
         records = execute(resolved, store, force=force, hooks=hooks, on_run=on_run, callbacks=run_callbacks)
         progress.update(runs_task, completed=len(resolved.configs))
-    table = Table(title=f"Results ({results}/runs.jsonl)")
+    table = Table(title=escape(f"Results ({results}/runs.jsonl)"))
     for column in ("method", "trainable params %", "val AUC", "test AUC", "runs"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in summarise(records):
         status = f"{row['finished']}/{row['runs']}" + (f" ({', '.join(row['statuses'])})" if row["statuses"] else "")
         ratio = "—" if not math.isfinite(row["ratio_pct"]) else f"{row['ratio_pct']:.4g}"
-        table.add_row(row["name"], ratio, _fmt_pm(row["val_auc"]), _fmt_pm(row["test_auc"]), status)
+        (val_mean, val_std), (test_mean, test_std) = row["val_auc"], row["test_auc"]
+        val, test = format_mean_std(val_mean, val_std, row["n"]), format_mean_std(test_mean, test_std, row["n"])
+        table.add_row(escape(row["name"]), ratio, val, test, status)
     console.print(table)
     if report:
         _refresh_report(results, reports_dir)
+    failed = [r for r in records if r.get("status") in (FAILED, OOM)]
+    if failed:
+        err_console.print(
+            f"{len(failed)} of {len(records)} runs failed or ran out of memory (exit status 1); their errors are in "
+            f"{escape(str(results))}/<run id>/result.json",
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
 
 
 def _refresh_report(results: Path, out: Path) -> None:
@@ -278,10 +292,11 @@ def preload(
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Run the frozen large model once over every image and cache what FPT/FPT+ fusion modules need."""
-    from petlbench.engine.runner import RunRequest, resolve
+    from petlbench.engine.runner import RunRequest, check_results_folder, resolve
     from petlbench.fpt.common import preload as run_preload
 
     try:
+        check_results_folder(results)
         resolved = resolve(
             RunRequest(
                 methods=method,

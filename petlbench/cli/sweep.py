@@ -260,12 +260,12 @@ def _dry_run(spec: Any, results: Path, executor: str) -> None:
 
 def _status(spec: Any, results: Path) -> None:
     """Print done/running/failed/pending counts, failure reasons and each cell's outcome."""
-    from petlbench.cli.common import console
+    from petlbench.cli.common import console, err_console, plain_log
     from petlbench.core.results import ResultStore
     from petlbench.sweep.status import render_cells, render_status, sweep_status
 
     plan = _plan(spec, results, _planning_device(spec, results), read_only=True)
-    store = ResultStore(results)
+    store = ResultStore(results, log=plain_log(err_console))  # reads only: works on a folder this user cannot write
     render_status(sweep_status(plan, store), console)
     render_cells(plan, store, console)
 
@@ -280,13 +280,17 @@ def _run(
     force: bool,
 ) -> None:
     """Plan, take the driver lock, run the sweep with the live view, then summarise."""
-    from petlbench.cli.common import console, fail
+    from petlbench.cli.common import console, err_console, fail, plain_log
     from petlbench.core.environment import resolve_device
-    from petlbench.core.results import ResultStore
+    from petlbench.core.results import ResultsFolderError, ResultStore
     from petlbench.sweep.executors import LocalExecutor, PoolExecutor, RayExecutor, local_devices, run_sweep
     from petlbench.sweep.status import DriverLock, LiveView, SweepBusyError, render_cells, render_status, sweep_status
 
-    store = ResultStore(results)
+    store = ResultStore(results, log=plain_log(err_console))
+    try:
+        store.check_writable()
+    except ResultsFolderError as err:
+        fail(f"{err}: choose another with --results")
     executor: Any
     if executor_name == "ray":
         try:
@@ -296,7 +300,7 @@ def _run(
                 gpus_per_run=0.0 if spec.device == "cpu" else gpus_per_run,
                 cpus_per_run=cpus_per_run,
                 max_retries=spec.max_retries,
-                log=console.print,
+                log=plain_log(console),
             )
         except (RuntimeError, ValueError) as err:
             fail(escape(str(err)))
@@ -337,7 +341,7 @@ def _run(
     if executor is None:
         devices = local_devices(device)
         if len(devices) > 1:
-            executor = PoolExecutor(devices, store, spec.max_retries, log=console.print)
+            executor = PoolExecutor(devices, store, spec.max_retries, log=plain_log(console))
             view.executor_name = f"local ({len(devices)} GPUs)"
         else:
             executor = LocalExecutor(hooks_for=view.hooks_for)

@@ -1,4 +1,8 @@
-"""Crash-safe file writes: write a temporary file in the same folder, fsync, then rename over the target."""
+"""Crash-safe file writes: write a temporary file in the same folder, fsync, then rename over the target.
+
+Files get the mode an ordinary `open()` would give them (0666 less the umask): `mkstemp` alone makes them 0600,
+which hides a shared results folder from the group that reads it.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,32 @@ import fcntl
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (/proc), else set-and-restore under a lock."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode of a newly created file: 0666 less the umask."""
+    return 0o666 & ~current_umask()
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -19,6 +46,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), file_mode())
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -34,9 +62,14 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def json_text(obj: Any) -> str:
+    """The JSON text the atomic writer stores (indented, NaN written as null)."""
+    return json.dumps(_finite(obj), indent=2, sort_keys=False, default=str) + "\n"
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Atomic JSON write (indented, NaN written as null)."""
-    write_text_atomic(path, json.dumps(_finite(obj), indent=2, sort_keys=False, default=str) + "\n")
+    write_text_atomic(path, json_text(obj))
 
 
 def _finite(obj: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from petlbench.core.config import (
 )
 from petlbench.core.method import BackboneSpec, Method, get_method, method_keys, parse_method_keys
 from petlbench.core.options import OptionError, parse_opt_flags
-from petlbench.core.results import FINISHED, ResultStore
+from petlbench.core.results import BUSY, FAILED, FINISHED, ResultsFolderError, ResultStore, describe_holder, utc_now
 from petlbench.data.source import DatasetSource
 from petlbench.engine.callbacks import RunCallback
 from petlbench.engine.metrics import mean_std
@@ -103,6 +104,15 @@ def dataset_slug(spec: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec).name or str(spec)) or "dataset"
 
 
+def check_results_folder(results: str | Path) -> None:
+    """Raise RunRequestError (one line, what to do) unless runs can be stored under `results`; creates nothing.
+    Not part of `resolve`, which also plans read-only (`sweep --status`, `--dry-run`)."""
+    try:
+        ResultStore(results).check_writable()
+    except ResultsFolderError as err:
+        raise RunRequestError(f"{err}: choose another with --results") from None
+
+
 def resolve(request: RunRequest, log: Callable[[str], None] = print) -> ResolvedRun:
     """Apply defaults (embedded dataset, tiny ViT without a GPU), validate, and expand into run configs."""
     from petlbench.data.discover import open_dataset
@@ -140,6 +150,7 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
     if request.weights:
         if not Path(request.weights).is_file():
             raise RunRequestError(f"--weights {request.weights}: no such file")
+        notes.extend(check_weights(backbone, request.weights, request.res))
         weights_label = f"file:{Path(request.weights).name}#{file_digest(request.weights)}"
     if weights_label == "random-init":
         notes.append(f"backbone {backbone_name}: random initialisation (no --pretrained or --weights)")
@@ -193,6 +204,64 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
     return ResolvedRun(methods, source, backbone, configs, notes)
 
 
+def check_weights(backbone: BackboneSpec, path: str | Path, res: int) -> list[str]:
+    """Load a --weights file once and check that it holds `backbone`'s weights as timm's loader will see them
+    (its checkpoint filter applied to a meta-device model); raises RunRequestError saying what is wrong, returns
+    notes (tensors the backbone will not use)."""
+    from timm.models import load_state_dict
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from petlbench.backbones.vit import create_backbone
+
+    try:
+        state = load_state_dict(str(path))  # what create_backbone's loader reads: safetensors, or torch weights_only
+    except Exception as err:  # noqa: BLE001 - any failure to read it is the same answer for the user
+        raise RunRequestError(
+            f"--weights {path}: not a readable checkpoint ({type(err).__name__}: {err}); give a .safetensors file "
+            "or a PyTorch state dict saved with torch.save(model.state_dict(), ...)"
+        ) from None
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    if not tensors:
+        keys = ", ".join(map(str, list(state)[:5])) if isinstance(state, dict) else type(state).__name__
+        raise RunRequestError(f"--weights {path}: holds no tensors ({keys or 'empty'}); give the backbone's state dict")
+    with torch.device("meta"):
+        model = create_backbone(dataclasses.replace(backbone, weights=None, pretrained=False), res, 0)
+    try:
+        filtered = checkpoint_filter_fn(tensors, model)
+    except Exception as err:  # noqa: BLE001 - timm's filter fails in many ways on a foreign checkpoint
+        raise RunRequestError(
+            f"--weights {path} does not fit {backbone.name}: timm's checkpoint filter failed ({type(err).__name__}: "
+            f"{err})"
+        ) from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in filtered]
+    if missing:
+        found = ", ".join(list(filtered)[:3]) or "none"
+        raise RunRequestError(
+            f"--weights {path} does not hold the weights of {backbone.name}: {len(missing)} of {len(expected)} "
+            f"tensors missing, such as {', '.join(_pick(missing))} (the file has e.g. {found})"
+        )
+    wrong = [(k, tuple(filtered[k].shape), shape) for k, shape in expected.items() if tuple(filtered[k].shape) != shape]
+    if wrong:
+        key, got, want = next((w for w in wrong if "blocks.0.attn.qkv" in w[0]), wrong[0])
+        raise RunRequestError(
+            f"--weights {path} is for another architecture than {backbone.name}: {len(wrong)} of {len(expected)} "
+            f"tensors differ in shape, e.g. {key} is {list(got)} in the file and {list(want)} in {backbone.name}"
+        )
+    unused = [k for k in filtered if k not in expected and not k.startswith("head")]
+    if unused:
+        return [
+            f"--weights {Path(path).name}: {len(unused)} tensors that {backbone.name} does not use, e.g. {unused[0]}"
+        ]
+    return []
+
+
+def _pick(keys: list[str]) -> list[str]:
+    """A few keys to name, the attention weights of the first block first (they say the most about the shape)."""
+    first = [k for k in keys if k.startswith("blocks.0.attn.qkv")]
+    return (first + [k for k in keys if k not in first])[:3]
+
+
 def _card_lr(dataset: str | None) -> float | None:
     if dataset is None or Path(dataset).exists():
         return None  # a folder or manifest: no card learning rate, whatever its name
@@ -216,26 +285,83 @@ def execute(
 ) -> list[dict[str, Any]]:
     """Train every config not already finished (unless `force`); a failure is recorded and the rest go on.
 
-    `callbacks()` makes the observers of each run (the CLI passes `reports.callbacks.run_callbacks`).
+    Each run is trained under its claim (`ResultStore.claim`): a run another process is training is skipped and
+    given the status BUSY (not stored, not a failure). `callbacks()` makes the observers of each run (the CLI
+    passes `reports.callbacks.run_callbacks`).
     """
     hooks = hooks or ProgressHooks()
+    since = utc_now()
+    total = len(resolved.configs)
     records = []
     for i, (method, cfg) in enumerate(resolved.configs):
-        stored = store.load(cfg.run_id) if not force and store.is_finished(cfg.run_id) else None
-        if stored is not None:
-            on_run(i, len(resolved.configs), cfg, "skipped")
-            hooks.log(f"skip {method.key} seed {cfg.seed}: already finished ({cfg.run_id})")
-            records.append(stored)
-            continue
-        on_run(i, len(resolved.configs), cfg, "running")
-        record = run_training(cfg, resolved.source, store, hooks, callbacks())
-        on_run(i + 1, len(resolved.configs), cfg, record["status"])
-        records.append(record)
+        label = f"{method.key} seed {cfg.seed}"
+        done = _already_done(store, cfg.run_id, force, since)
+        if done is None:
+            try:
+                holder = store.try_claim(cfg.run_id)
+            except OSError as err:  # the claim cannot be written, so neither can the record: the run is not tried
+                error = f"cannot write under {store.root}: {type(err).__name__}: {err}"
+                hooks.log(f"{cfg.run_id}: {FAILED}: {error}")
+                on_run(i + 1, total, cfg, FAILED)
+                records.append(_outcome(cfg, method, FAILED, error=error))
+                continue
+            if holder is not None:
+                hooks.log(f"{cfg.run_id} ({label}) is being trained by {describe_holder(holder)}; skipping")
+                on_run(i + 1, total, cfg, BUSY)
+                records.append(_outcome(cfg, method, BUSY, claimed_by=holder))
+                continue
+            try:
+                done = _already_done(store, cfg.run_id, force, since)  # finished by the claim's last holder
+                if done is None:
+                    on_run(i, total, cfg, "running")
+                    hooks.log(f"train {label} ({cfg.run_id})")
+                    record = run_training(cfg, resolved.source, store, hooks, callbacks())
+                    on_run(i + 1, total, cfg, record["status"])
+                    records.append(record)
+                    continue
+            finally:
+                store.release(cfg.run_id)
+        on_run(i, total, cfg, "skipped")
+        hooks.log(
+            f"skip {label}: {'redone by another process meanwhile' if force else 'already finished'} ({cfg.run_id})"
+        )
+        records.append(done)
     return records
 
 
+def _already_done(store: ResultStore, run_id: str, force: bool, since: str) -> dict[str, Any] | None:
+    """The run's finished record if it needs no training: finished, and with `force` finished by a run that
+    started after `since` (another process redid it while this one waited)."""
+    record = store.load(run_id)
+    if record is None or record.get("status") != FINISHED:
+        return None
+    if force and str((record.get("timestamps") or {}).get("started") or "") < since:
+        return None
+    return record
+
+
+def _outcome(cfg: RunConfig, method: Method, status: str, **extra: Any) -> dict[str, Any]:
+    """The summary's entry for a run this process did not train (never stored)."""
+    return {
+        "run_id": cfg.run_id,
+        "status": status,
+        "method_name": method.display_name,
+        "config": cfg.to_dict(),
+        **extra,
+    }
+
+
+def format_mean_std(mean: float, std: float, n: int) -> str:
+    """'72.53 ± 0.41 (n=3)'; one value has no spread: '72.53 ± — (n=1)'; none: '—' (as the reports write it)."""
+    if n < 1 or not math.isfinite(mean):
+        return "—"
+    spread = f"{std:.2f}" if n > 1 and math.isfinite(std) else "—"
+    return f"{mean:.2f} ± {spread} (n={n})"
+
+
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per method: trainable %, val and test AUC mean ± std over finished seeds, failures counted."""
+    """One row per method: trainable %, val and test AUC mean ± std over finished seeds (std NaN for fewer than
+    two, shown '± —'), the number `n` of finished seeds, other outcomes counted."""
     by_method: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         by_method.setdefault(record["config"]["method"], []).append(record)
@@ -244,6 +370,8 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         done = [r for r in group if r.get("status") == FINISHED]
         val_mean, val_std = mean_std([r["metrics"]["val_auc"] for r in done])
         test_mean, test_std = mean_std([r["metrics"]["test_auc"] for r in done])
+        if len(done) < 2:
+            val_std = test_std = math.nan  # one seed has no spread ("± —"), not a spread of 0
         ratio = next((r["params"]["ratio_pct"] for r in done if r.get("params")), math.nan)
         rows.append(
             {
@@ -253,6 +381,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "val_auc": (val_mean, val_std),
                 "test_auc": (test_mean, test_std),
                 "finished": len(done),
+                "n": len(done),
                 "runs": len(group),
                 "statuses": sorted({str(r.get("status")) for r in group if r.get("status") != FINISHED}),
             }

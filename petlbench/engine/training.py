@@ -25,9 +25,10 @@ from petlbench.backbones.attention import describe_attention
 from petlbench.core.config import RunConfig
 from petlbench.core.environment import environment, resolve_device
 from petlbench.core.method import BackboneSpec, BuildContext, Method, PetlModel, get_method
-from petlbench.core.results import FAILED, FINISHED, OOM, ResultStore, utc_now
+from petlbench.core.results import FAILED, FINISHED, OOM, ResultStore, running_record, utc_now
 from petlbench.data.source import DatasetSource
-from petlbench.data.views import ViewDataset
+from petlbench.data.views import EpochSampler, ViewDataset
+from petlbench.engine.artifacts import save_trainable
 from petlbench.engine.build import build_model
 from petlbench.engine.callbacks import RunCallback, RunView
 from petlbench.engine.metrics import classification_metrics
@@ -90,13 +91,17 @@ def cosine_factor(step: int, steps_per_epoch: int, epochs: int) -> float:
 
 
 def make_loader(dataset: Any, batch_size: int, train: bool, seed: int, workers: int) -> DataLoader:
-    """A loader; training shuffles with a seeded generator and drops the last incomplete batch."""
-    generator = torch.Generator()
+    """A loader of (epoch, index) keys: training shuffles per (seed, epoch) and drops the last incomplete batch.
+
+    Augmentation depends on (seed, epoch, index) only (`data.views`), so the worker count and whatever a method's
+    construction drew from the global random stream change nothing: every method sees the same augmented images.
+    """
+    generator = torch.Generator()  # kept: without it each iteration draws worker seeds from the global stream
     generator.manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        sampler=EpochSampler(len(dataset), seed=seed, shuffle=train),
         drop_last=train,
         num_workers=workers,
         generator=generator,
@@ -177,8 +182,11 @@ def train_epochs(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_factor(step, steps_per_epoch, cfg.epochs)
     )
+    sampler = loaders["train"].sampler
     for epoch in range(cfg.epochs):
         hooks.on_epoch(epoch, cfg.epochs)
+        if isinstance(sampler, EpochSampler):
+            sampler.set_epoch(epoch)
         model.train()
         losses: list[float] = []
         regularisers: list[float] = []
@@ -248,11 +256,25 @@ def run_training(
     record whatever the outcome.
 
     `callbacks` observe the run (measurement, figure data) and contribute to the record's `efficiency` section.
+    The caller holds the run's claim (`ResultStore.claim`). A re-run of a finished run trains beside it
+    (attempt.json) and replaces result.json only once it finishes.
     """
     hooks = hooks or ProgressHooks()
 
     device = resolve_device(cfg.device)
-    record = store.mark_running(cfg.run_id, cfg.to_dict(), get_method(cfg.method).display_name)
+    record = running_record(cfg.run_id, cfg.to_dict(), get_method(cfg.method).display_name)
+    try:
+        if store.save(record) == store.attempt_path(cfg.run_id):
+            hooks.log(
+                f"{cfg.run_id}: re-running a finished run; it replaces result.json only if it finishes "
+                f"(until then: {store.attempt_path(cfg.run_id)})"
+            )
+    except OSError as error:
+        record["status"] = FAILED
+        record["error"] = f"could not write {store.result_path(cfg.run_id)}: {error.strerror or error}"
+        record["timestamps"]["finished"] = utc_now()
+        hooks.log(f"{cfg.run_id}: {record['status']}: {record['error']}")
+        return record
     record["environment"] = environment(device)
     record["dataset"] = {
         "name": source.name,
@@ -276,13 +298,44 @@ def run_training(
         record["status"] = OOM if is_out_of_memory(error) else FAILED
         record["error"] = f"{type(error).__name__}: {error}"
         record["traceback"] = traceback.format_exc(limit=20)
-        hooks.log(f"[red]{cfg.run_id}: {record['status']}: {record['error']}[/red]")
+        hooks.log(f"{cfg.run_id}: {record['status']}: {record['error']}")  # plain text: never read as markup
         if device.type == "cuda":
             torch.cuda.empty_cache()
     record["timestamps"]["finished"] = utc_now()
     record["timestamps"]["wall_seconds"] = time.perf_counter() - started
-    store.save(record)
+    _store_final(store, record, hooks)
     return record
+
+
+def _store_final(store: ResultStore, record: dict[str, Any], hooks: ProgressHooks) -> None:
+    """Store the outcome of a run: retry a failed write once, then write the record outside the results folder
+    (a trained run is not lost to a full disk); only when nothing can be written is the run failed."""
+    run_id, target = record["run_id"], store.result_path(record["run_id"])
+    error: OSError | None = None
+    for _ in range(2):
+        try:
+            written = store.save(record)
+        except OSError as err:
+            error = err
+            continue
+        if written != target:
+            hooks.log(
+                f"{run_id}: {record['status']}; the finished record in {target} is kept, this attempt is in {written}"
+            )
+        return
+    reason = f"{error.strerror or error}" if error is not None else "unknown error"
+    try:
+        fallback = store.save_fallback(record)
+    except OSError as err:
+        earlier = f" (the run itself: {record['status']}: {record['error']})" if record.get("error") else ""
+        record["status"] = FAILED
+        record["error"] = f"could not store the record: {target}: {reason}; {err.strerror or err}{earlier}"
+        hooks.log(f"{run_id}: {record['status']}: {record['error']}")
+        return
+    hooks.log(
+        f"{run_id}: could not write {target} ({reason}); the {record['status']} record was written to {fallback} "
+        f"instead: move it to {target} once there is room (a re-run would redo the run)"
+    )
 
 
 def _train_and_test(
@@ -314,7 +367,9 @@ def _train_and_test(
     )
     model = build_model(method, ctx)
     splits = {
-        name: ViewDataset(source.split(name), views, train=(name == "train"), mean=source.mean, std=source.std)
+        name: ViewDataset(
+            source.split(name), views, train=(name == "train"), mean=source.mean, std=source.std, seed=cfg.seed
+        )
         for name in ("train", "val", "test")
     }
     prepare_start = time.perf_counter()
@@ -336,6 +391,9 @@ def _train_and_test(
     last_test = evaluate(model, loaders["test"], device, cfg, hooks, "test")
     _load_trainable_state(model, state.best_weights)
     best_test = evaluate(model, loaders["test"], device, cfg, hooks, "test")
+    saved = save_trainable(
+        model, run.run_dir, {"run_id": cfg.run_id, "method": cfg.method, "best_epoch": state.best_epoch}
+    )
     callbacks.on_test_end(run)
     predictions = {"val": state.best_val_predictions, "test": best_test.pop("predictions")}
     last_test.pop("predictions")
@@ -365,6 +423,7 @@ def _train_and_test(
             "last_epoch_test": last_test,
         },
         "efficiency": eff,
+        "artifacts": {"trainable": saved.name},  # in the run's folder; `petlbench predict RUN_ID IMAGES` uses it
         "predictions": predictions,  # best epoch's per-image probabilities (confidence intervals, paired tests)
         "batch_size_used": batch_size,
     }

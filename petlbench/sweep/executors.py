@@ -1,9 +1,11 @@
 """Where sweep runs train: in this process (local), in one process per GPU (local, several GPUs), or on Ray.
 
 Every executor trains a run through `run_job`, which writes the run's own `RESULTS/<run_id>/result.json`
-atomically (the run id folder is unique per run, so no two tasks write the same file). A failure or an
-out-of-memory error inside a run is recorded as that run's status by the trainer; a worker process or node lost
-mid-run is retried (bounded by `max_retries`) and, when retries run out, recorded as failed by the driver.
+atomically (the run id folder is unique per run, so no two tasks write the same file) under the run's claim: a run
+another process (a `petlbench run`, another sweep's worker) is training is skipped with the status "busy", which
+is neither done nor failed. A failure or an out-of-memory error inside a run is recorded as that run's status by
+the trainer; a worker process or node lost mid-run is retried (bounded by `max_retries`) and, when retries run
+out, recorded as failed by the driver.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from petlbench.core.config import RunConfig
-from petlbench.core.results import FAILED, FINISHED, OOM, RUNNING, ResultStore, utc_now
+from petlbench.core.results import BUSY, FAILED, FINISHED, OOM, RUNNING, ResultStore, describe_holder, utc_now
 
 Summary = dict[str, Any]
 Log = Callable[[str], None]
@@ -87,15 +89,35 @@ def run_job(job: dict[str, Any], hooks: Any = None) -> Summary:
     A run that already finished is not redone (unless the job says `force`): a retried task whose first attempt
     finished, or a second driver, finds it done.
     """
-    from petlbench.engine.training import ProgressHooks, run_training
-    from petlbench.reports.callbacks import run_callbacks
+    from petlbench.engine.training import ProgressHooks
 
     hooks = hooks or ProgressHooks(log=lambda message: print(message, flush=True))
-    store = ResultStore(job["results"])
+    store = ResultStore(job["results"], log=hooks.log)
     if not job.get("force"):
         record = store.load(job["run_id"])
         if record is not None and record.get("status") == FINISHED:
             return summary_of(record)
+    try:
+        with store.claim(job["run_id"]) as holder:
+            if holder is not None:
+                detail = f"{job['run_id']} is being trained by {describe_holder(holder)}; skipping"
+                hooks.log(detail)
+                return {"run_id": job["run_id"], "status": BUSY, "error": None, "detail": detail, "worker": holder}
+            record = store.load(job["run_id"])
+            if not job.get("force") and record is not None and record.get("status") == FINISHED:
+                return summary_of(record)  # finished by the claim's last holder while this task waited
+            return _run_claimed(job, store, hooks)
+    except OSError as err:  # the results folder refuses writes: nothing can be recorded there
+        error = f"cannot write under {store.root}: {type(err).__name__}: {err}"
+        hooks.log(f"{job['run_id']}: {FAILED}: {error}")
+        return {"run_id": job["run_id"], "status": FAILED, "error": error}
+
+
+def _run_claimed(job: dict[str, Any], store: ResultStore, hooks: Any) -> Summary:
+    """The body of `run_job` once the run is claimed: check the job still describes this worker's run, train."""
+    from petlbench.engine.training import run_training
+    from petlbench.reports.callbacks import run_callbacks
+
     try:
         cfg = RunConfig.from_dict(job["config"])
         cfg.build_method()  # raises if this worker's petlbench resolves the method's options differently
@@ -378,7 +400,7 @@ class RayExecutor:
                     error = f"task raised {type(err).__name__}: {first_line}"
                 else:
                     error = f"lost worker ({type(err).__name__}) after {self.max_retries} retries: {first_line}"
-                self.log(f"[red]{job['label']}: {error}[/red]")
+                self.log(f"{job['label']}: {error}")
                 ended.append((job, record_failure(self.store, job, status, error)))
         return ended
 
@@ -456,6 +478,7 @@ def local_devices(device: str) -> list[int | None]:
 
 
 __all__ = [
+    "BUSY",
     "FAILED",
     "FINISHED",
     "OOM",

@@ -23,7 +23,16 @@ from rich.table import Table
 from rich.text import Text
 
 from petlbench.core.atomic import write_json_atomic
-from petlbench.core.results import FAILED, FINISHED, OOM, RUNNING, ResultStore, utc_now
+from petlbench.core.results import (
+    FAILED,
+    FINISHED,
+    OOM,
+    RUNNING,
+    ResultStore,
+    describe_holder,
+    pid_alive,
+    utc_now,
+)
 from petlbench.sweep.plan import FINAL, PlannedRun, SweepPlan, iter_runs
 
 STATE_DIR = "_sweeps"  # under the results root; holds no result.json, so the results table ignores it
@@ -83,28 +92,21 @@ class DriverLock:
 
 
 def driver_alive(results: Path, name: str) -> bool:
-    """True while some process holds the sweep's driver lock."""
+    """True while some process holds the sweep's driver lock (read-only: works on a folder this user cannot write)."""
     path = Path(results) / STATE_DIR / f"{name}.lock"
-    if not path.exists():
+    try:
+        handle = open(path)  # noqa: SIM115 - closed below; flock needs no write access
+    except OSError:
         return False
-    with open(path, "a+") as handle:
+    with handle:
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
+        except OSError:
+            return False
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
     return False
-
-
-def _pid_alive(pid: Any) -> bool:
-    """True if a process with this pid exists on this host."""
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError, TypeError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -168,8 +170,11 @@ def sweep_status(plan: SweepPlan, store: ResultStore) -> SweepStatus:
             status.runs.append(RunStatus(run, label, phase, "failed", f"{state}: {error[0][:240] if error else ''}"))
         elif state == RUNNING:
             worker = (record or {}).get("worker") or {}
-            dead_here = worker.get("host") == host and not _pid_alive(worker.get("pid"))
-            if alive and not dead_here:
+            dead_here = worker.get("host") == host and not pid_alive(worker.get("pid"))
+            claim = store.live_claim(run.run_id or "")
+            if claim is not None:
+                status.runs.append(RunStatus(run, label, phase, "running", f"on {describe_holder(claim)}"))
+            elif alive and not dead_here and store.claim_holder(run.run_id or "") is None:
                 status.runs.append(RunStatus(run, label, phase, "running", f"on {worker.get('host', '?')}"))
             else:
                 status.runs.append(RunStatus(run, label, phase, "pending", "interrupted (will be redone)"))
@@ -247,6 +252,7 @@ def cell_rows(plan: SweepPlan, store: ResultStore) -> list[dict[str, Any]]:
             "weight_decay": None,
             "val_auc": selection.val_auc,
             "test_auc": (math.nan, math.nan),
+            "test_n": 0,
             "seeds_done": 0,
             "seeds": len(plan.spec.seeds),
         }
@@ -258,12 +264,13 @@ def cell_rows(plan: SweepPlan, store: ResultStore) -> list[dict[str, Any]]:
                 float(r["metrics"]["test_auc"]) for r in done if (r.get("metrics") or {}).get("test_auc") is not None
             ]
             mean = statistics.fmean(tests) if tests else math.nan
-            std = statistics.stdev(tests) if len(tests) > 1 else (0.0 if tests else math.nan)
+            std = statistics.stdev(tests) if len(tests) > 1 else math.nan  # one seed: no spread ("± —")
             config = runs[0].config
             row.update(
                 lr=config.lr if config else None,
                 weight_decay=config.weight_decay if config else None,
                 test_auc=(mean, std),
+                test_n=len(tests),
                 seeds_done=len(done),
             )
         rows.append(row)
@@ -272,12 +279,14 @@ def cell_rows(plan: SweepPlan, store: ResultStore) -> list[dict[str, Any]]:
 
 def render_cells(plan: SweepPlan, store: ResultStore, console: Console) -> None:
     """Print the per-cell outcome table (chosen lr/wd, validation AUC, test AUC over seeds)."""
+    from petlbench.engine.runner import format_mean_std
+
     table = Table(title=f"Sweep {plan.spec.name}: chosen points (validation) and test AUC over seeds")
     for column in ("cell", "lr", "wd", "val AUC", "test AUC", "seeds"):
         table.add_column(column, justify="left" if column == "cell" else "right")
     for row in cell_rows(plan, store):
         mean, std = row["test_auc"]
-        test = "—" if not math.isfinite(mean) else f"{mean:.2f} ± {std:.2f}"
+        test = format_mean_std(mean, std, row["test_n"])
         if row["state"] != "chosen":
             test = f"[dim]{row['state']}: {escape(row['reason'])}[/dim]" if row["reason"] else row["state"]
         table.add_row(
@@ -344,7 +353,11 @@ class LiveView:
                 epoch = self.active[run_id].progress.split(" · ")[0]
                 self.active[run_id].progress = f"{epoch} · {phase} {done}/{total}"
 
-        return ProgressHooks(on_epoch=on_epoch, on_batch=on_batch, log=self.live.console.print)
+        def log(message: str) -> None:
+            """Print a run's message as it is (error text and paths may hold brackets that are not markup)."""
+            self.live.console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+        return ProgressHooks(on_epoch=on_epoch, on_batch=on_batch, log=log)
 
     def started(self, run: PlannedRun, job: dict[str, Any]) -> None:
         """A run was submitted."""
@@ -363,7 +376,7 @@ class LiveView:
         extra = (
             f"val {_fmt(summary.get('val_auc'))} test {_fmt(summary.get('test_auc'))}"
             if status == FINISHED
-            else (summary.get("error") or "")[:200]
+            else (summary.get("error") or summary.get("detail") or "")[:200]
         )
         self.live.console.print(
             f"\\[{done}/{counts.get('total', '?')}] [{colour}]{status}[/{colour}] {escape(job['label'])} · "
