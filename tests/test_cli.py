@@ -231,3 +231,30 @@ def test_third_party_method_from_one_file(tmp_path: Path) -> None:
     assert ran.returncode == 0, ran.stderr + ran.stdout
     (row,) = [json.loads(line) for line in (tmp_path / "results" / "runs.jsonl").read_text().splitlines()]
     assert row["status"] == "finished" and row["method_name"] == "Norm tuning"
+
+
+@pytest.mark.slow
+def test_redirected_log_shows_each_epoch_while_the_run_goes_on(tmp_path: Path) -> None:
+    """`petlbench run > log` (a SLURM job): one plain line per epoch appears in the file before the run ends."""
+    import subprocess
+    import sys
+    import time
+
+    log = tmp_path / "log.txt"
+    args = ["--methods", "linear_probe,bitfit,lora", "--results", str(tmp_path / "r"), "--backbone", "test_vit"]
+    args += ["--res", "32", "--epochs", "4", "--batch-size", "4"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "petlbench", "run", *args], stdout=out, stderr=subprocess.STDOUT)
+        seen_while_running = False
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            if "linear_probe seed 0 · epoch 1/4 · train loss" in log.read_text():
+                seen_while_running = proc.poll() is None
+                break
+            time.sleep(0.2)
+        proc.wait(timeout=240)
+    text = log.read_text()
+    assert seen_while_running, text
+    assert proc.returncode == 0, text
+    assert text.count(" · epoch ") == 12 and "val AUC" in text and "lr " in text
+    assert "━" in text and "Linear probing" in text  # the summary table, full width

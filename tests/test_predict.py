@@ -38,3 +38,22 @@ def test_predict_refuses_unknown_runs_and_missing_images(tmp_path: Path) -> None
     image.write_bytes(b"")
     with pytest.raises(PredictError, match="no run 'lora-x'"):
         predict(ResultStore(tmp_path), "lora-x", [image])
+
+
+def test_a_pending_state_replaces_the_kept_one_only_when_its_run_finishes(tmp_path: Path) -> None:
+    """A forced re-run writes its state beside the finished run's; it is promoted only with a finished record."""
+    import torch
+
+    from petlbench.engine.artifacts import PENDING_FILE, load_trainable, save_trainable, settle_trainable
+
+    model = torch.nn.Linear(2, 1)
+    save_trainable(model, tmp_path, {"attempt": 1})
+    settle_trainable(tmp_path, finished=True)
+    assert (tmp_path / TRAINABLE_FILE).is_file() and not (tmp_path / PENDING_FILE).exists()
+    kept = (tmp_path / TRAINABLE_FILE).read_bytes()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    save_trainable(model, tmp_path, {"attempt": 2})
+    settle_trainable(tmp_path, finished=False)  # the second attempt failed
+    assert (tmp_path / TRAINABLE_FILE).read_bytes() == kept and not (tmp_path / PENDING_FILE).exists()
+    assert load_trainable(torch.nn.Linear(2, 1), tmp_path / TRAINABLE_FILE) == {"attempt": 1}

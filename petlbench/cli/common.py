@@ -11,8 +11,11 @@ from rich.console import Console
 if TYPE_CHECKING:
     from petlbench.core.config import Amp, Attention
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Redirected output (a SLURM log, CI) gets no live views, and lines and tables are never cut at 80 columns.
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+if not console.is_terminal:
+    console.width = err_console.width = 1000
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -16,17 +16,33 @@ from rich.table import Table
 
 from petlbench.cli.common import check_amp, check_attention, console, err_console, fail, plain_log, user_errors
 
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     help="Compare parameter-efficient transfer learning methods (FPT+, FPT, LoRA, ...) on high-resolution images.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings=HELP_OPTIONS,
 )
-datasets_app = typer.Typer(help="Generate and check datasets.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Generate and check datasets.", no_args_is_help=True, context_settings=HELP_OPTIONS)
 app.add_typer(datasets_app, name="datasets")
 
-# Command groups living in their own modules; each exposes `register(app)`.
-COMMAND_MODULES = ("petlbench.cli.profile", "petlbench.cli.report", "petlbench.cli.sweep")
+
+def _print_version(value: bool) -> None:
+    if value:
+        from petlbench import __version__
+
+        console.print(f"petlbench {__version__}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version)
+    ] = False,
+) -> None:
+    """Compare parameter-efficient transfer learning methods (FPT+, FPT, LoRA, ...) on high-resolution images."""
 
 
 RUN_EXIT_CODES = (
@@ -67,11 +83,34 @@ def run(
         bool, typer.Option(help="Exclude unreadable images (recorded) instead of stopping.")
     ] = False,
     workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Conventions for every knob not given: 'paper' = the FPT+ papers' (eager attention, the authors' "
+            "position-table interpolation, their LPM vit_base_patch16_384.orig_in21k_ft_in1k with --pretrained, "
+            "float32 feature caches, official parameter counts); recorded with every run."
+        ),
+    ] = None,
+    pos_interp: Annotated[
+        str | None,
+        typer.Option(
+            help="Position table at --res: 'timm' (resampled once at build) or 'official' (the authors' per-forward "
+            "bicubic interpolation); default: the preset's, else timm."
+        ),
+    ] = None,
+    allow_leakage: Annotated[
+        bool,
+        typer.Option(
+            help="Train even if identical image files occur in more than one split; the files are recorded in the "
+            "run record."
+        ),
+    ] = False,
     report: Annotated[bool, typer.Option(help="Refresh the report (reports/) at the end.")] = False,
     reports_dir: Annotated[Path, typer.Option("--reports", help="Report folder for --report.")] = Path("reports"),
 ) -> None:
     """Train and evaluate methods on one dataset with the papers' protocol; store and summarise results."""
     from petlbench.core.results import FAILED, OOM, ResultStore
+    from petlbench.engine.callbacks import Callbacks, EpochLog, RunCallback
     from petlbench.engine.runner import RunRequest, check_results_folder, execute, format_mean_std, resolve, summarise
     from petlbench.engine.training import ProgressHooks
     from petlbench.reports.callbacks import run_callbacks
@@ -102,6 +141,9 @@ def run(
         force=force,
         skip_bad_images=skip_bad_images,
         workers=workers,
+        preset=preset,
+        pos_interp=pos_interp,
+        allow_leakage=allow_leakage,
     )
     try:
         check_results_folder(results)  # before resolve, which may write a generated split there
@@ -120,24 +162,40 @@ def run(
         f"lr {first.lr:g} · device {first.device} · {len(resolved.configs)} runs"
     )
     store = ResultStore(results, log=plain_log(err_console))
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        runs_task = progress.add_task("runs", total=len(resolved.configs))
-        epoch_task = progress.add_task("epoch", total=1, visible=False)
-        batch_task = progress.add_task("batches", total=1, visible=False)
 
-        def on_run(done: int, total: int, cfg: Any, status: str) -> None:
-            progress.update(runs_task, completed=done, description=f"runs · {cfg.method} seed {cfg.seed}: {status}")
+    def callbacks() -> RunCallback:
+        return Callbacks([run_callbacks(), EpochLog(plain_log(console))])
 
-        def on_epoch(epochs_done: int, epochs: int) -> None:
-            progress.update(epoch_task, completed=epochs_done, total=epochs, visible=True, description="epoch")
+    if console.is_terminal:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=False) as progress:
+            runs_task = progress.add_task("runs", total=len(resolved.configs))
+            epoch_task = progress.add_task("epoch", total=1, visible=False)
+            batch_task = progress.add_task("batches", total=1, visible=False)
 
-        def on_batch(done: int, total: int, phase: str) -> None:
-            progress.update(batch_task, completed=done, total=total, visible=True, description=phase)
+            def on_run(done: int, total: int, cfg: Any, status: str) -> None:
+                description = f"runs · {cfg.method} seed {cfg.seed}: {status}"
+                progress.update(runs_task, completed=done, description=escape(description))
 
-        hooks = ProgressHooks(on_epoch=on_epoch, on_batch=on_batch, log=plain_log(progress.console))
-        records = execute(resolved, store, force=force, hooks=hooks, on_run=on_run, callbacks=run_callbacks)
-        progress.update(runs_task, completed=len(resolved.configs))
+            def on_epoch(epochs_done: int, epochs: int) -> None:
+                progress.update(epoch_task, completed=epochs_done, total=epochs, visible=True, description="epoch")
+
+            def on_batch(done: int, total: int, phase: str) -> None:
+                progress.update(batch_task, completed=done, total=total, visible=True, description=phase)
+
+            hooks = ProgressHooks(on_epoch=on_epoch, on_batch=on_batch, log=plain_log(progress.console))
+            records = execute(resolved, store, force=force, hooks=hooks, on_run=on_run, callbacks=callbacks)
+            progress.update(runs_task, completed=len(resolved.configs))
+    else:  # redirected: one plain line per run and per epoch, written as they happen
+        log = plain_log(console)
+
+        def run_line(done: int, total: int, cfg: Any, status: str) -> None:
+            if status != "running":
+                log(f"run {done}/{total} · {cfg.method} seed {cfg.seed} ({cfg.run_id}): {status}")
+
+        records = execute(
+            resolved, store, force=force, hooks=ProgressHooks(log=log), on_run=run_line, callbacks=callbacks
+        )
     table = Table(title=escape(f"Results ({results}/runs.jsonl)"))
     for column in ("method", "trainable params %", "val AUC", "test AUC", "runs"):
         table.add_column(column, justify="left" if column == "method" else "right")
@@ -326,14 +384,16 @@ def preload(
 
 
 def _register_command_modules() -> None:
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:
-                continue  # that command group is not part of this build
-            raise
-        module.register(app)
+    """Add every command module of `petlbench.cli` (a module with a `register(app)` function)."""
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda m: m.name):
+        if info.name in ("root", "common", "__main__"):
+            continue
+        module = importlib.import_module(f"petlbench.cli.{info.name}")
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(app)
 
 
 _register_command_modules()

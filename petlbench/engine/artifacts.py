@@ -18,14 +18,18 @@ from torch import nn
 from petlbench.core.atomic import write_bytes_atomic
 
 TRAINABLE_FILE = "trainable.safetensors"
+# Written while the run is an attempt: it replaces TRAINABLE_FILE only once the run's finished record is stored, so a
+# forced re-run that fails or is killed never overwrites the state that belongs to the finished record.
+PENDING_FILE = "trainable.attempt.safetensors"
 
 
 def save_trainable(model: nn.Module, folder: Path, metadata: dict[str, Any]) -> Path:
-    """Write `model`'s trainable parameters (contiguous CPU copies) and `metadata` (JSON-encoded) atomically."""
+    """Write `model`'s trainable parameters (contiguous CPU copies) and `metadata` (JSON-encoded) atomically, as the
+    pending state of the run's attempt (see `settle_trainable`)."""
     from safetensors.torch import save
 
     tensors = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    path = Path(folder) / TRAINABLE_FILE
+    path = Path(folder) / PENDING_FILE
     write_bytes_atomic(path, save(tensors, metadata={"petlbench": json.dumps(metadata, sort_keys=True)}))
     return path
 
@@ -46,3 +50,14 @@ def load_trainable(model: nn.Module, path: Path) -> dict[str, Any]:
         for name, value in tensors.items():
             params[name].copy_(value)
     return metadata
+
+
+def settle_trainable(folder: Path, finished: bool) -> None:
+    """After the record is stored: a finished run's pending state becomes its trainable state, any other is dropped."""
+    pending = Path(folder) / PENDING_FILE
+    if not pending.exists():
+        return
+    if finished:
+        pending.replace(Path(folder) / TRAINABLE_FILE)
+    else:
+        pending.unlink()

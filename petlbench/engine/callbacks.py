@@ -6,6 +6,7 @@ The trainer calls every callback at fixed points of a run and merges what `resul
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,18 @@ class Callbacks(RunCallback):
         for callback in self.callbacks:
             merged.update(callback.results())
         return merged
+
+
+class EpochLog(RunCallback):
+    """One plain line per epoch through `log`: epoch, train loss, validation AUC, learning rate, seconds."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+
+    def on_epoch_end(self, run: RunView, entry: dict[str, Any]) -> None:
+        """Log the epoch's history row."""
+        self.log(
+            f"{run.cfg.method} seed {run.cfg.seed} · epoch {entry['epoch']}/{run.cfg.epochs} · train loss "
+            f"{entry['train_loss']:.4f} · val AUC {entry['val_auc']:.2f} · lr {entry['lr']:.2e} · "
+            f"{entry['epoch_train_seconds']:.1f} s"
+        )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import torch
 
+from petlbench.backbones.position import POS_INTERP_CHOICES
 from petlbench.backbones.vit import TINY_BACKBONE, check_resolution
 from petlbench.core.config import (
     PAPER_BATCH_SIZE,
@@ -26,6 +26,8 @@ from petlbench.core.config import (
 )
 from petlbench.core.method import BackboneSpec, Method, get_method, method_keys, parse_method_keys
 from petlbench.core.options import OptionError, parse_opt_flags
+from petlbench.core.preset import Preset, get_preset, method_overrides
+from petlbench.core.preset import backbone_name as backbone_name_for
 from petlbench.core.results import BUSY, FAILED, FINISHED, ResultsFolderError, ResultStore, describe_holder, utc_now
 from petlbench.data.source import DatasetSource
 from petlbench.engine.callbacks import RunCallback
@@ -65,6 +67,9 @@ class RunRequest:
     skip_bad_images: bool = False
     workers: int = 0
     profile: bool = True
+    preset: str | None = None  # `core.preset`: conventions for every knob left unset (None: petlbench's own)
+    pos_interp: str | None = None  # None: the preset's, else "timm"
+    allow_leakage: bool = False  # train although identical image files occur in several splits (recorded)
 
 
 @dataclass
@@ -78,8 +83,9 @@ class ResolvedRun:
     notes: list[str] = field(default_factory=list)
 
 
-def build_methods(keys: list[str], opts: Sequence[str]) -> list[Method]:
-    """Instantiate methods with their `--opt` overrides; options for methods not run are still validated."""
+def build_methods(keys: list[str], opts: Sequence[str], preset: Preset | None = None) -> list[Method]:
+    """Instantiate methods with their `--opt` overrides over the preset's settings; options for methods not run are
+    still validated."""
     try:
         overrides = parse_opt_flags(list(opts))
     except OptionError as err:
@@ -92,16 +98,13 @@ def build_methods(keys: list[str], opts: Sequence[str]) -> list[Method]:
         for key, values in overrides.items():
             if key not in keys:
                 get_method(key).from_overrides(values)  # validate anyway: a typo must not pass silently
-        return [get_method(k).from_overrides(overrides.get(k, {})) for k in keys]
+        chosen = preset or get_preset(None)
+        return [
+            get_method(k).from_overrides(method_overrides(chosen, get_method(k), dict(overrides.get(k, {}))))
+            for k in keys
+        ]
     except OptionError as err:
         raise RunRequestError(str(err)) from None
-
-
-def dataset_slug(spec: str | None) -> str:
-    """Folder name for a dataset's split files under the results root."""
-    if spec is None:
-        return "synthetic"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec).name or str(spec)) or "dataset"
 
 
 def check_results_folder(results: str | Path) -> None:
@@ -115,7 +118,7 @@ def check_results_folder(results: str | Path) -> None:
 
 def resolve(request: RunRequest, log: Callable[[str], None] = print) -> ResolvedRun:
     """Apply defaults (embedded dataset, tiny ViT without a GPU), validate, and expand into run configs."""
-    from petlbench.data.discover import open_dataset
+    from petlbench.data.discover import adopt_legacy_split, open_dataset
 
     check_run_values(
         epochs=request.epochs,
@@ -129,12 +132,23 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
     )
     for seed in request.seeds:
         check_run_values(seed=seed)
+    preset = get_preset(request.preset)
+    attention: Attention = request.attention
+    if attention == "auto" and preset.attention is not None:
+        attention = preset.attention
+    pos_interp = request.pos_interp or preset.pos_interp or "timm"
+    if pos_interp not in POS_INTERP_CHOICES:
+        raise RunRequestError(f"--pos-interp {pos_interp!r}: use {' or '.join(POS_INTERP_CHOICES)}")
     keys = parse_method_keys(request.methods)
-    methods = build_methods(keys, request.opts)
+    methods = build_methods(keys, request.opts, preset)
     notes: list[str] = []
+    if preset.name != "none":
+        notes.append(f"preset {preset.name}: {preset.description}; flags given explicitly win")
     embedded = request.dataset is None
     has_gpu = torch.cuda.is_available() and request.device != "cpu"
     backbone_name = request.backbone
+    if backbone_name is None and preset.backbone is not None:
+        backbone_name = backbone_name_for(preset, None, request.pretrained, fallback="vit_base_patch16_224")
     if backbone_name is None:
         if embedded and not has_gpu:
             backbone_name = TINY_BACKBONE
@@ -145,7 +159,9 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
         else:
             backbone_name = "vit_base_patch16_224"
     check_resolution(backbone_name, request.res)
-    backbone = BackboneSpec(backbone_name, pretrained=request.pretrained, weights=request.weights)
+    backbone = BackboneSpec(
+        backbone_name, pretrained=request.pretrained, weights=request.weights, pos_interp=pos_interp
+    )
     weights_label = backbone.weights_label
     if request.weights:
         if not Path(request.weights).is_file():
@@ -157,10 +173,11 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
 
     source = open_dataset(
         request.dataset,
-        split_dir=Path(request.results) / "datasets" / dataset_slug(request.dataset),
+        split_dir=adopt_legacy_split(request.results, request.dataset, log=log),
         seed=0,
         skip_bad_images=request.skip_bad_images,
         log=log,
+        allow_leakage=request.allow_leakage,
     )
     card_lr = _card_lr(request.dataset)
     small = embedded and not has_gpu
@@ -194,11 +211,13 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
                 method_options=method.resolved_options(),
                 device=str(device),
                 amp=request.amp if device.type == "cuda" else "none",
-                attention=request.attention,
+                attention=attention,
                 skip_bad_images=request.skip_bad_images,
                 dataset_path=str(source.root),
                 num_workers=request.workers,
                 weights_path=str(Path(request.weights).resolve()) if request.weights else "",
+                pos_interp=pos_interp,
+                preset=preset.name,
             )
             configs.append((method, cfg))
     return ResolvedRun(methods, source, backbone, configs, notes)
@@ -315,7 +334,7 @@ def execute(
                 if done is None:
                     on_run(i, total, cfg, "running")
                     hooks.log(f"train {label} ({cfg.run_id})")
-                    record = run_training(cfg, resolved.source, store, hooks, callbacks())
+                    record = run_training(cfg, resolved.source, store, hooks, callbacks(), recheck=force)
                     on_run(i + 1, total, cfg, record["status"])
                     records.append(record)
                     continue

@@ -28,7 +28,7 @@ from petlbench.core.method import BackboneSpec, BuildContext, Method, PetlModel,
 from petlbench.core.results import FAILED, FINISHED, OOM, ResultStore, running_record, utc_now
 from petlbench.data.source import DatasetSource
 from petlbench.data.views import EpochSampler, ViewDataset
-from petlbench.engine.artifacts import save_trainable
+from petlbench.engine.artifacts import TRAINABLE_FILE, save_trainable, settle_trainable
 from petlbench.engine.build import build_model
 from petlbench.engine.callbacks import RunCallback, RunView
 from petlbench.engine.metrics import classification_metrics
@@ -251,9 +251,10 @@ def run_training(
     store: ResultStore,
     hooks: ProgressHooks | None = None,
     callbacks: RunCallback | None = None,
+    recheck: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate one configuration (the method and backbone are rebuilt from it); returns the stored
-    record whatever the outcome.
+    record whatever the outcome. `recheck` (a forced run) verifies whatever prepared data it reuses in full.
 
     `callbacks` observe the run (measurement, figure data) and contribute to the record's `efficiency` section.
     The caller holds the run's claim (`ResultStore.claim`). A re-run of a finished run trains beside it
@@ -284,13 +285,18 @@ def run_training(
         "class_counts": source.class_counts(),
         "skipped_files": source.skipped,
         "fingerprint": cfg.dataset_fingerprint,
+        "identity": source.identity,
+        "allow_leakage": source.allow_leakage,
+        "leakage": source.leakage,
         "mean": list(source.mean),
         "std": list(source.std),
     }
     started = time.perf_counter()
     try:
         method, backbone = cfg.build_method(), cfg.backbone_spec()
-        record.update(_train_and_test(cfg, method, source, backbone, store, device, hooks, callbacks or RunCallback()))
+        record.update(
+            _train_and_test(cfg, method, source, backbone, store, device, hooks, callbacks or RunCallback(), recheck)
+        )
         record["status"] = FINISHED
     except KeyboardInterrupt:
         raise  # leaves the "running" record: the run is redone next time
@@ -322,6 +328,7 @@ def _store_final(store: ResultStore, record: dict[str, Any], hooks: ProgressHook
             hooks.log(
                 f"{run_id}: {record['status']}; the finished record in {target} is kept, this attempt is in {written}"
             )
+        settle_trainable(store.run_dir(run_id), finished=written == target and record["status"] == FINISHED)
         return
     reason = f"{error.strerror or error}" if error is not None else "unknown error"
     try:
@@ -347,6 +354,7 @@ def _train_and_test(
     device: torch.device,
     hooks: ProgressHooks,
     callbacks: RunCallback,
+    recheck: bool = False,
 ) -> dict[str, Any]:
     seed_everything(cfg.seed)
     views = method.views(cfg.res)
@@ -364,6 +372,7 @@ def _train_and_test(
         cache_dir=store.root / "cache",
         attention=cfg.attention,
         log=hooks.log,
+        recheck=recheck,
     )
     model = build_model(method, ctx)
     splits = {
@@ -391,9 +400,7 @@ def _train_and_test(
     last_test = evaluate(model, loaders["test"], device, cfg, hooks, "test")
     _load_trainable_state(model, state.best_weights)
     best_test = evaluate(model, loaders["test"], device, cfg, hooks, "test")
-    saved = save_trainable(
-        model, run.run_dir, {"run_id": cfg.run_id, "method": cfg.method, "best_epoch": state.best_epoch}
-    )
+    save_trainable(model, run.run_dir, {"run_id": cfg.run_id, "method": cfg.method, "best_epoch": state.best_epoch})
     callbacks.on_test_end(run)
     predictions = {"val": state.best_val_predictions, "test": best_test.pop("predictions")}
     last_test.pop("predictions")
@@ -423,7 +430,7 @@ def _train_and_test(
             "last_epoch_test": last_test,
         },
         "efficiency": eff,
-        "artifacts": {"trainable": saved.name},  # in the run's folder; `petlbench predict RUN_ID IMAGES` uses it
+        "artifacts": {"trainable": TRAINABLE_FILE},  # in the run's folder; `petlbench predict RUN_ID IMAGES` uses it
         "predictions": predictions,  # best epoch's per-image probabilities (confidence intervals, paired tests)
         "batch_size_used": batch_size,
     }

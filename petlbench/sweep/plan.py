@@ -261,9 +261,9 @@ def _options_key(options: dict[str, str]) -> tuple[tuple[str, str], ...]:
 
 def _split_dir(results: Path, dataset: str | None) -> Path:
     """Where `petlbench run` keeps a dataset's split and caches under the results root."""
-    from petlbench.engine.runner import dataset_slug
+    from petlbench.data.discover import split_dir_for
 
-    return results / "datasets" / dataset_slug(dataset)
+    return split_dir_for(results, dataset)
 
 
 def _open_group(
