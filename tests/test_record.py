@@ -93,3 +93,10 @@ def test_record_problems_name_what_a_status_needs() -> None:
         "status 'done' is not one of running, finished, failed, oom"
     ]
     assert "not sectioned" in record_problems({**running, "status": "failed", "error": "e", "efficiency": FLAT})[0]
+
+
+def test_runs_index_names_the_dataset_by_path_and_content() -> None:
+    row = summary_row(
+        {"config": {"dataset": "data", "dataset_path": "/a/data", "dataset_fingerprint": "abc"}, "efficiency": FLAT}
+    )
+    assert row["dataset"] == "data" and row["dataset_path"] == "/a/data" and row["dataset_fingerprint"] == "abc"
