@@ -24,10 +24,26 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
-def _options(opt: list[str] | None) -> dict[str, dict[str, str]]:
-    from petlbench.core.options import parse_opt_flags
+PRESET_HELP = "Conventions for every knob not given: 'paper' = the FPT+ papers' (see `petlbench run --help`)."
 
-    return parse_opt_flags(opt)
+
+def _preset_setup(
+    preset: str | None, methods: str, backbone: str | None, default_backbone: str, attention: str, opt: list[str] | None
+) -> tuple[Any, str, dict[str, dict[str, Any]]]:
+    """(BackboneSpec, attention, options per method) with the preset's values for everything not given."""
+    from petlbench.core.method import BackboneSpec, get_method, parse_method_keys
+    from petlbench.core.options import parse_opt_flags
+    from petlbench.core.preset import backbone_name, get_preset, method_overrides
+
+    chosen = get_preset(preset)
+    given = parse_opt_flags(opt)
+    options = {
+        key: method_overrides(chosen, get_method(key), dict(given.get(key, {}))) for key in parse_method_keys(methods)
+    }
+    if attention == "auto" and chosen.attention is not None:
+        attention = chosen.attention
+    name = backbone_name(chosen, backbone, pretrained=False, fallback=default_backbone)
+    return BackboneSpec(name, pos_interp=chosen.pos_interp or "timm"), attention, {**given, **options}
 
 
 def _print_json(rows: Any) -> None:
@@ -38,7 +54,7 @@ def _print_json(rows: Any) -> None:
 
 def profile(
     methods: Annotated[str, typer.Option(help="'all' or comma-separated method keys.")] = "all",
-    backbone: Annotated[str, typer.Option(help="timm ViT name.")] = "vit_base_patch16_224",
+    backbone: Annotated[str | None, typer.Option(help="timm ViT name (default vit_base_patch16_224).")] = None,
     res: Annotated[int, typer.Option(help="Input resolution (px).")] = 512,
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 16,
     measure: Annotated[bool, typer.Option("--measure", help="Also time a few real training steps here.")] = False,
@@ -47,11 +63,11 @@ def profile(
     attention: Annotated[str, typer.Option(help=ATTENTION_HELP)] = "auto",
     device: Annotated[str, typer.Option(help="Device for --measure: auto, cpu, cuda, cuda:1.")] = "auto",
     opt: Annotated[list[str] | None, typer.Option("--opt", help="Method option METHOD.KEY=VALUE (repeatable).")] = None,
+    preset: Annotated[str | None, typer.Option(help=PRESET_HELP)] = None,
 ) -> None:
     """Parameters, FLOPs (attention counted), estimated peak training memory and, with --measure, measured
     memory, throughput and power of each method."""
     from petlbench.cli.common import check_attention, console, fail, user_errors
-    from petlbench.core.method import BackboneSpec
     from petlbench.profiling import FLOPS_UNIT, profile_methods
 
     if batch_size < 1 or res < 1:
@@ -59,16 +75,17 @@ def profile(
     check_attention(attention)
     started = time.perf_counter()
     try:
+        spec, attention, options = _preset_setup(preset, methods, backbone, "vit_base_patch16_224", attention, opt)
         rows = profile_methods(
             methods,
-            BackboneSpec(backbone),
+            spec,
             res,
             batch_size,
             num_classes=num_classes,
             measure=measure,
             device=device,
             attention=attention,
-            options=_options(opt),
+            options=options,
         )
     except user_errors() as err:
         fail(str(err))
@@ -122,7 +139,7 @@ def profile(
 
 def memory(
     methods: Annotated[str, typer.Option(help="'all' or comma-separated method keys.")] = "all",
-    backbone: Annotated[str, typer.Option(help="timm ViT name.")] = "vit_large_patch16_224",
+    backbone: Annotated[str | None, typer.Option(help="timm ViT name (default vit_large_patch16_224).")] = None,
     res: Annotated[str, typer.Option(help="Comma-separated resolutions.")] = "128,256,384,512,640,1024,2048",
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 16,
     gpu_mem: Annotated[str | None, typer.Option(help="GPU memory budget, e.g. 48GB (GB = GiB).")] = None,
@@ -130,10 +147,10 @@ def memory(
     num_classes: Annotated[int, typer.Option(help="Number of classes of the head.")] = 5,
     attention: Annotated[str, typer.Option(help=ATTENTION_HELP)] = "auto",
     opt: Annotated[list[str] | None, typer.Option("--opt", help="Method option METHOD.KEY=VALUE (repeatable).")] = None,
+    preset: Annotated[str | None, typer.Option(help=PRESET_HELP)] = None,
 ) -> None:
     """Estimated peak training memory of each method at each resolution (no GPU needed)."""
     from petlbench.cli.common import check_attention, console, fail, user_errors
-    from petlbench.core.method import BackboneSpec
     from petlbench.profiling import memory_sweep, parse_mem
 
     try:
@@ -149,15 +166,16 @@ def memory(
     check_attention(attention)
     started = time.perf_counter()
     try:
+        spec, attention, options = _preset_setup(preset, methods, backbone, "vit_large_patch16_224", attention, opt)
         rows = memory_sweep(
             methods,
-            BackboneSpec(backbone),
+            spec,
             resolutions,
             batch_size,
             gpu_mem_bytes=budget,
             num_classes=num_classes,
             attention=attention,
-            options=_options(opt),
+            options=options,
         )
     except user_errors() as err:
         fail(str(err))
@@ -181,11 +199,11 @@ def memory(
         for r in resolutions:
             row = cells[r]
             text = _fmt(row["est_peak_mem_mb"], 0) if row["est_peak_mem_mb"] is not None else "error"
-            values.append(f"[red]{text}[/red]" if row.get("exceeds_budget") else text)
+            values.append(f"[red]{text} ✗[/red]" if row.get("exceeds_budget") else text)
         table.add_row(key, *values)
     console.print(table)
     if budget is not None:
-        console.print(f"red: above the {budget / 2**30:g} GiB budget")
+        console.print(f"✗ (red): above the {budget / 2**30:g} GiB budget")
     for row in rows:
         if row.get("error"):
             console.print(f"{row['method']} @ {row['res']} px: {row['error']}", markup=False)
@@ -205,6 +223,7 @@ def bench(
     """Efficiency of every method relative to full fine-tuning, measured on this machine's CPU."""
     from petlbench.cli.common import console, fail, user_errors
     from petlbench.core.method import BackboneSpec
+    from petlbench.core.options import parse_opt_flags
     from petlbench.profiling import run_bench
 
     started = time.perf_counter()
@@ -218,7 +237,7 @@ def bench(
             warmup=warmup,
             out_md=out,
             out_json=json_out,
-            options=_options(opt),
+            options=parse_opt_flags(opt),
             log=lambda line: console.print(line, markup=False),
         )
     except user_errors() as err:
