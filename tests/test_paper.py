@@ -63,3 +63,30 @@ def test_check_rows_name_their_memory_kind_and_oom_verdicts() -> None:
     md = check_markdown(rows, PAPER, 1.0)
     assert "OOM agrees" in md and "002_5f1584f72f46c4f5.txt" in md
     assert check_csv(rows).count("\n") == 3
+
+
+def test_run_request_under_the_paper_preset_records_every_knob(tmp_path) -> None:
+    """Each knob the preset sets is in the run's configuration; flags given explicitly win."""
+    from petlbench.engine.runner import RunRequest, resolve
+
+    base = dict(methods="fpt_plus", backbone="test_vit", res=64, epochs=1, batch_size=4, results=tmp_path)
+    ((_, cfg),) = resolve(RunRequest(**base, preset="paper")).configs
+    assert (cfg.attention, cfg.pos_interp, cfg.preset) == ("explicit", "official", "paper")
+    assert cfg.method_options["cache_dtype"] == "float32"
+    ((_, mine),) = resolve(
+        RunRequest(**base, preset="paper", attention="fused", pos_interp="timm", opts=["fpt_plus.cache_dtype=float16"])
+    ).configs
+    assert (mine.attention, mine.pos_interp, mine.method_options["cache_dtype"]) == ("fused", "timm", "float16")
+    assert cfg.run_id != mine.run_id
+    with pytest.raises(ConfigError, match="--preset"):
+        resolve(RunRequest(**base, preset="papers"))
+
+
+def test_sweep_spec_takes_the_preset(tmp_path) -> None:
+    from petlbench.sweep.spec import SweepSpecError, load_spec
+
+    assert load_spec("paper").preset == "paper"
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\nmethods: [lora]\ndatasets: [ddr]\npreset: papers\n")
+    with pytest.raises(SweepSpecError, match="key 'preset'"):
+        load_spec(spec)

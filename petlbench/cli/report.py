@@ -33,10 +33,21 @@ def report(
             "name). The rest is the most common complete setting among the matching runs.",
         ),
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="'paper': Params as the FPT authors' code counts them (official convention)."),
+    ] = None,
 ) -> None:
     """Build the papers' tables (Markdown, LaTeX, CSV) and figures (PNG, PDF) from stored runs, plus index.md."""
     from petlbench.cli.common import console, fail
+    from petlbench.core.config import ConfigError
+    from petlbench.core.preset import get_preset
     from petlbench.reports import build_report
+
+    try:
+        convention = get_preset(preset).param_convention
+    except ConfigError as err:
+        fail(str(err))
 
     def warn(message: str) -> None:
         """Print a report warning (the message's brackets are text, not markup)."""
@@ -55,6 +66,7 @@ def report(
             dataset=dataset,
             filters=filters or None,
             log=warn,
+            param_convention=convention,
         )
     except ValueError as err:
         fail(str(err))

@@ -80,6 +80,7 @@ def summary_row(result: dict[str, Any]) -> dict[str, Any]:
         "trainable": params.get("trainable"),
         "total": params.get("total"),
         "ratio_pct": params.get("ratio_pct"),
+        "official_ratio_pct": params.get("official_ratio_pct"),
         "peak_mem_mb": eff.get("peak_mem_mb"),
         "peak_mem_source": eff.get("peak_mem_source"),
         "est_peak_mem_mb": eff.get("est_peak_mem_mb"),

@@ -387,6 +387,7 @@ def _train_and_test(
     prepare_seconds = time.perf_counter() - prepare_start
     model.place(device)
     trainable, total = model.param_report()
+    _, official_total = model.param_report("official")
     loaders = build_loaders(prepared.splits, batch_size, cfg.seed, cfg.num_workers)
     run = RunView(cfg, method, model, ctx, device, loaders, batch_size, store.run_dir(cfg.run_id), hooks.log)
     callbacks.on_model_ready(run)
@@ -419,7 +420,14 @@ def _train_and_test(
         eff["preload_seconds"] = prepared.info.get("preload_seconds")
     return {
         "method_name": method.display_name,
-        "params": {"trainable": trainable, "total": total, "ratio_pct": 100.0 * trainable / total},
+        "params": {
+            "trainable": trainable,
+            "total": total,
+            "ratio_pct": 100.0 * trainable / total,
+            # as the FPT authors' code counts: the frozen LPM with its unused head and native position table
+            "official_total": official_total,
+            "official_ratio_pct": 100.0 * trainable / official_total,
+        },
         "history": state.history,
         "metrics": {
             "best_epoch": state.best_epoch,

@@ -459,6 +459,7 @@ def build_report(
     defaults: DefaultsFn | None = None,
     filters: Sequence[str] | Mapping[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    param_convention: str = "petlbench",
 ) -> Path:
     """Write every available table (md/tex/csv) and figure (png/pdf) to `out_dir`; returns index.md's path.
 
@@ -472,7 +473,7 @@ def build_report(
     results_dir, out = Path(results_dir), Path(out_dir)
     gpu_bytes = parse_gpu_mem(gpu_mem)
     parsed = dict(filters) if isinstance(filters, Mapping) else tbl.parse_filters(filters)
-    runs = load_runs(results_dir, defaults)
+    runs = load_runs(results_dir, defaults, param_convention)
     if dataset:
         dataset = tbl.resolve_dataset(runs.df, dataset)
     b = ReportBuilder(runs, out, gpu_bytes, backbone, res, table3_backbone, dataset, parsed)

@@ -169,6 +169,7 @@ _NUMERIC = (
     "trainable",
     "total",
     "ratio_pct",
+    "official_ratio_pct",
     "peak_mem_mb",
     "est_peak_mem_mb",
     "measured_peak_allocated_mb",
@@ -228,10 +229,16 @@ def read_sweep_choices(results_dir: str | Path) -> dict[str, SweepChoice]:
     return found
 
 
-def load_runs(results_dir: str | Path, defaults: DefaultsFn | None = None) -> Runs:
-    """Every stored run of `results_dir` as a `Runs` (DataFrame plus default-option bookkeeping)."""
+def load_runs(results_dir: str | Path, defaults: DefaultsFn | None = None, param_convention: str = "petlbench") -> Runs:
+    """Every stored run of `results_dir` as a `Runs` (DataFrame plus default-option bookkeeping). With the
+    `official` parameter convention, Params (`ratio_pct`) are the FPT authors' count where a record has it."""
     records = ResultStore(results_dir).records()
-    return runs_from_records(records, defaults, root=Path(results_dir), choices=read_sweep_choices(results_dir))
+    runs = runs_from_records(records, defaults, root=Path(results_dir), choices=read_sweep_choices(results_dir))
+    if param_convention == "official" and "official_ratio_pct" in runs.df:
+        runs.df["ratio_pct"] = runs.df["official_ratio_pct"].where(
+            runs.df["official_ratio_pct"].notna(), runs.df["ratio_pct"]
+        )
+    return runs
 
 
 def dataset_labels(names: Iterable[Any], fingerprints: Iterable[Any]) -> tuple[list[Any], list[str]]:

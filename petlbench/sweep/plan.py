@@ -294,6 +294,7 @@ def _open_group(
         device=device if device == "cpu" or _local_cuda() else "cpu",
         amp=spec.amp,
         attention=spec.attention,
+        preset=spec.preset,
         skip_bad_images=spec.skip_bad_images,
         workers=spec.workers,
         profile=spec.profile,

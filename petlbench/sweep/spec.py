@@ -38,6 +38,7 @@ SPEC_KEYS = (
     "device",
     "amp",
     "attention",
+    "preset",
     "workers",
     "skip_bad_images",
     "profile",
@@ -46,6 +47,19 @@ SPEC_KEYS = (
     "max_retries",
 )
 GRID_KEYS = ("lr", "weight_decay")
+
+
+def _preset(value: Any, where: Any) -> str | None:
+    """A known preset name, or None when the spec names none."""
+    from petlbench.core.preset import PRESETS
+
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in PRESETS:
+        raise where.fail("preset", f"expected one of {', '.join(PRESETS)}, got {value!r}")
+    return value
+
+
 BACKBONE_KEYS = ("name", "pretrained", "weights")
 AMP_CHOICES: tuple[Amp, ...] = ("none", "bf16")
 
@@ -102,6 +116,7 @@ class SweepSpec:
     device: str = "auto"
     amp: Amp = "none"
     attention: Attention = "auto"
+    preset: str | None = None  # `core.preset` name: conventions for every knob the spec leaves unset
     workers: int = 0
     skip_bad_images: bool = False
     profile: bool = True
@@ -389,6 +404,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> SweepSpec:
         device=device,
         amp=_choice(data.get("amp", "none"), "amp", where, AMP_CHOICES),
         attention=_choice(data.get("attention", "auto"), "attention", where, ATTENTION_CHOICES),
+        preset=_preset(data.get("preset"), where),
         workers=workers,
         skip_bad_images=_bool(data.get("skip_bad_images", False), "skip_bad_images", where),
         profile=_bool(data.get("profile", True), "profile", where),
