@@ -10,11 +10,15 @@ tfinal = round(0.2·T) (see `adalora_schedule` for the clamping on very short ru
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from peft import AdaLoraConfig, PeftModel
 
 from petlbench.backbones.classifier import BackboneClassifier
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
 from petlbench.backbones.peft_adapters import (
     QV_TARGET_REGEX,
     adalora_orthogonality,
@@ -101,6 +105,8 @@ class AdaLoRA(Method):
                 f"adalora: schedule (tinit, tfinal) = {wanted} leaves no budgeting phase in {ctx.total_steps} "
                 f"steps; using {(tinit, tfinal)}"
             )
+        from peft import AdaLoraConfig  # imported on use: listing methods must not load peft
+
         config = AdaLoraConfig(
             init_r=opts.init_r,
             target_r=opts.target_r,

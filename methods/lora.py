@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peft import LoraConfig
-
 from petlbench.backbones.classifier import BackboneClassifier
 from petlbench.backbones.peft_adapters import QV_TARGET_REGEX, wrap_qv
 from petlbench.backbones.vit import create_backbone
@@ -42,6 +40,8 @@ class LoRA(Method):
     def build(self, ctx: BuildContext) -> BackboneClassifier:
         """The backbone with split qkv, peft LoRA on q and v, and a trainable head."""
         net = create_backbone(ctx.backbone, ctx.res, ctx.num_classes)
+        from peft import LoraConfig  # imported on use: listing methods must not load peft
+
         config = LoraConfig(
             r=self.options.r,
             lora_alpha=self.options.alpha,

@@ -9,10 +9,13 @@ term and rank allocation are driven from the harness because a timm model return
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.adalora import AdaLoraModel
+
+if TYPE_CHECKING:  # peft (and the transformers it imports) loads only when a peft method builds its model
+    from peft import LoraConfig, PeftModel
+    from peft.tuners.adalora import AdaLoraModel
 from timm.models.vision_transformer import VisionTransformer
 
 from petlbench.backbones.split_qkv import split_qkv
@@ -26,6 +29,8 @@ def wrap_qv(net: VisionTransformer, config: LoraConfig) -> PeftModel:
     if config.target_modules != QV_TARGET_REGEX:
         raise ValueError(f"target_modules must be {QV_TARGET_REGEX!r}, got {config.target_modules!r}")
     split_qkv(net)
+    from peft import get_peft_model
+
     model = get_peft_model(net, config)
     adapted = [name for name, _ in model.named_modules() if name.endswith(".lora_dropout")]
     if len(adapted) != 2 * len(net.blocks) or any(not re.search(r"\.attn\.[qv]\.", name) for name in adapted):
@@ -37,6 +42,8 @@ def wrap_qv(net: VisionTransformer, config: LoraConfig) -> PeftModel:
 def adalora_tuner(model: PeftModel) -> AdaLoraModel:
     """The AdaLoRA tuner inside a peft-wrapped model (owner of the rank allocator)."""
     tuner = model.base_model
+    from peft.tuners.adalora import AdaLoraModel
+
     if not isinstance(tuner, AdaLoraModel):
         raise TypeError(f"expected an AdaLoRA model, got {type(tuner).__name__}")
     return tuner
