@@ -1,8 +1,9 @@
 """The frozen large pre-trained model (LPM) of FPT/FPT+: per-layer keys/values of its most-attended tokens.
 
-timm's fused attention never materialises the attention map, so the blocks whose features are extracted
-are evaluated explicitly (`explicit_block_forward`): the softmax map gives the token-importance score,
-the keys/values of the chosen tokens are gathered, and the map is freed before the next block.
+timm's fused attention never materialises the attention map, and neither does the LPM: a fed block runs
+the fused kernel for its output (`scored_block_forward`) and scores the tokens without ever holding a whole
+`[B, H, N, N]` map (`attention_importance`); the keys/values of the chosen tokens are then gathered.
+`explicit_block_forward` (the map itself) serves introspection.
 
 Token-selection rule (methods spec §3.4): the sequence has N tokens *including* the class token; the
 LPM keeps n = max(1, floor(token_ratio * N)) of them (`num_selected_tokens`), chosen separately by each
@@ -36,15 +37,10 @@ def num_selected_tokens(token_ratio: float | None, num_tokens: int) -> int:
     return max(1, min(num_tokens, math.floor(token_ratio * num_tokens + 1e-9)))
 
 
-def explicit_block_forward(
-    block: nn.Module, x: torch.Tensor, need_attention: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One timm ViT block with attention computed explicitly: (output, k, v, softmax map or None).
-
-    `block` must be a plain timm `Block` with a plain timm `Attention` (TypeError otherwise).
-    k and v are `[B, H, N, d]` (qkv bias included, k not scaled); the map is `[B, H, N, N]` when
-    `need_attention`, otherwise the block uses the fused kernel and returns None for it.
-    """
+def _attention_inputs(
+    block: nn.Module, x: torch.Tensor
+) -> tuple[Attention, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A plain timm block's attention module, output gate (or None) and q, k, v `[B, H, N, d]` for input `x`."""
     attn = block.attn
     if type(block) is not Block or type(attn) is not Attention:
         raise TypeError(f"FPT/FPT+ need plain timm ViT blocks, got {type(block).__name__}/{type(attn).__name__}")
@@ -54,20 +50,39 @@ def explicit_block_forward(
     gate = gate_proj(h).sigmoid() if gate_proj is not None else None
     qkv = attn.qkv(h).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    return attn, gate, attn.q_norm(q), attn.k_norm(k), v
+
+
+def _block_output(block: nn.Module, x: torch.Tensor, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """The rest of a plain timm block (checked by `_attention_inputs`) once the context `o` `[B, H, N, d]` is known."""
+    assert type(block) is Block and type(block.attn) is Attention
+    attn = block.attn
+    batch, tokens, _ = x.shape
+    o = attn.norm(o.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))
+    if gate is not None:
+        o = o * gate
+    o = attn.proj_drop(attn.proj(o))
+    x = x + block.drop_path1(block.ls1(o))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def explicit_block_forward(
+    block: nn.Module, x: torch.Tensor, need_attention: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One timm ViT block with attention computed explicitly: (output, k, v, softmax map or None).
+
+    `block` must be a plain timm `Block` with a plain timm `Attention` (TypeError otherwise).
+    k and v are `[B, H, N, d]` (qkv bias included, k not scaled); the map is `[B, H, N, N]` when
+    `need_attention`, otherwise the block uses the fused kernel and returns None for it.
+    """
+    attn, gate, q, k, v = _attention_inputs(block, x)
     if need_attention:
         weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         o = attn.attn_drop(weights) @ v
     else:
         weights = None
         o = F.scaled_dot_product_attention(q, k, v)
-    o = attn.norm(o.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))
-    if gate is not None:
-        o = o * gate
-    o = attn.proj_drop(attn.proj(o))
-    x = x + block.drop_path1(block.ls1(o))
-    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return x, k, v, weights
+    return _block_output(block, x, o, gate), k, v, weights
 
 
 def importance_scores(weights: torch.Tensor, mode: Importance) -> torch.Tensor:
@@ -79,6 +94,86 @@ def importance_scores(weights: torch.Tensor, mode: Importance) -> torch.Tensor:
     raise ValueError(f"unknown importance mode {mode!r} (use global or class_token)")
 
 
+# The CPU flash-attention kernel behind F.scaled_dot_product_attention; unlike the public call it also returns
+# the per-query log-sum-exp, which turns the global importance into one more fused pass (absent: chunked path).
+_FLASH_CPU: Any = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+# Map elements (over all B * H heads) the chunked path scores at once: 64 MiB of float32 per chunk.
+SCORE_CHUNK_ELEMENTS = 1 << 24
+
+
+def attention_importance(
+    q: torch.Tensor, k: torch.Tensor, mode: Importance, query_chunk: int | None = None
+) -> torch.Tensor:
+    """Per-head importance `[B, H, N]` of `importance_scores`, from q, k `[B, H, N, d]`, `query_chunk` rows at once.
+
+    Only `[B, H, query_chunk, N]` of the map exists at a time (default: SCORE_CHUNK_ELEMENTS in all).
+    """
+    batch, heads, tokens, dim = q.shape
+    scale = dim**-0.5
+    if mode == "class_token":
+        return ((q[:, :, :1] * scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0]
+    if mode != "global":
+        raise ValueError(f"unknown importance mode {mode!r} (use global or class_token)")
+    if query_chunk is None:
+        query_chunk = max(1, SCORE_CHUNK_ELEMENTS // (batch * heads * tokens))
+    if query_chunk < 1:
+        raise ValueError(f"query_chunk {query_chunk} must be >= 1")
+    keys_t = k.contiguous().transpose(-2, -1)  # k is a strided view of qkv: copied once, not once per chunk
+    total = q.new_zeros(batch, heads, tokens)
+    for start in range(0, tokens, query_chunk):
+        total += ((q[:, :, start : start + query_chunk] * scale) @ keys_t).softmax(dim=-1).sum(dim=-2)
+    return total / tokens
+
+
+def flash_global_importance(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(fused attention context `[B, H, N, d]`, global importance `[B, H, N]`) by two CPU flash passes, or None.
+
+    None where the kernel does not apply (not float32 on CPU, or a torch without it); callers then take
+    F.scaled_dot_product_attention and `attention_importance`.
+    """
+    if _FLASH_CPU is None or q.device.type != "cpu" or not q.dtype == k.dtype == v.dtype == torch.float32:
+        return None
+    context, lse = _FLASH_CPU(q, k, v)  # what F.scaled_dot_product_attention computes on CPU, plus lse_i
+    # The mean Z_j / N over queries of the map's column j, sum_i exp(s_ij - lse_i) / N, is exp of the log-sum-exp
+    # of the transposed attention (key j attends to queries i) with logits s_ij - lse_i - log N; that per-query
+    # bias rides in an extra head dimension because the kernel's broadcast-mask path is twice as slow.
+    *lead, dim = q.shape
+    keys_as_queries, queries_as_keys = k.new_empty(*lead, dim + 1), q.new_empty(*lead, dim + 1)
+    keys_as_queries[..., :dim] = k  # slice writes: a third of torch.cat's time here
+    keys_as_queries[..., dim] = -1.0
+    torch.mul(q, dim**-0.5, out=queries_as_keys[..., :dim])
+    torch.add(lse, math.log(lead[-1]), out=queries_as_keys[..., dim])
+    _, column_lse = _FLASH_CPU(keys_as_queries, queries_as_keys, queries_as_keys, scale=1.0)  # its output unused
+    return context, column_lse.exp_()
+
+
+def scored_block_forward(
+    block: nn.Module, x: torch.Tensor, mode: Importance, query_chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One timm ViT block on the fused kernel plus its token importance: (output, k, v, scores `[B, H, N]`).
+
+    Same block/k/v contract as `explicit_block_forward`; the scores are `importance_scores` of its map
+    (up to float32 rounding), and `query_chunk` forces the chunked path with that many query rows at once.
+    """
+    if torch.jit.is_tracing():
+        # fvcore traces the LPM to count its FLOPs: the explicit map holds the algorithm's multiply-adds (Q·Kᵀ and
+        # P·V once each), not the kernels' second pass over Q·Kᵀ for the scores (nor a private op without a handle).
+        out, k, v, weights = explicit_block_forward(block, x)
+        assert weights is not None
+        return out, k, v, importance_scores(weights, mode)
+    _, gate, q, k, v = _attention_inputs(block, x)
+    fast = flash_global_importance(q, k, v) if mode == "global" and query_chunk is None else None
+    if fast is not None:
+        context, scores = fast
+    else:
+        context = F.scaled_dot_product_attention(q, k, v)
+        scores = attention_importance(q, k, mode, query_chunk)
+    return _block_output(block, x, context, gate), k, v, scores
+
+
 class FrozenLPM(nn.Module):
     """A frozen timm ViT that returns, for chosen blocks, the features the FPT/FPT+ fusion reads.
 
@@ -87,6 +182,7 @@ class FrozenLPM(nn.Module):
     `feature="hidden"` (the MLP-fusion ablation): the block's output hidden states `[B, L, n, D]` of the
     tokens ranked highest by the head-averaged score, plus their indices `[B, L, n]`.
     With `token_ratio=None` every token is kept (n = N) and no indices are returned.
+    `query_chunk` forces the chunked scoring path (`attention_importance`) with that many query rows at once.
     """
 
     def __init__(
@@ -96,6 +192,7 @@ class FrozenLPM(nn.Module):
         token_ratio: float | None = 0.2,
         importance: Importance = "global",
         feature: FeatureKind = "kv",
+        query_chunk: int | None = None,
     ) -> None:
         super().__init__()
         depth = len(vit.blocks)
@@ -108,6 +205,7 @@ class FrozenLPM(nn.Module):
         self.token_ratio = token_ratio
         self.importance = importance
         self.feature = feature
+        self.query_chunk = query_chunk
         vit.requires_grad_(False)
         vit.eval()
 
@@ -170,12 +268,9 @@ class FrozenLPM(nn.Module):
             if index not in wanted:
                 x = block(x)
                 continue
-            x, k, v, weights = explicit_block_forward(block, x, need_attention=select)
             outputs: dict[str, torch.Tensor] = {}
             if select:
-                assert weights is not None
-                scores = importance_scores(weights, self.importance)  # [B, H, N]
-                del weights  # free the N x N map before the next block
+                x, k, v, scores = scored_block_forward(block, x, self.importance, self.query_chunk)  # [B, H, N]
                 if self.feature == "kv":
                     idx = scores.topk(n, dim=-1).indices  # [B, H, n], each head its own tokens
                     gather = idx.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
@@ -186,10 +281,12 @@ class FrozenLPM(nn.Module):
                 outputs[INDICES] = idx
                 if return_scores:
                     outputs["scores"] = scores
-            elif self.feature == "kv":
-                outputs[KEYS], outputs[VALUES] = k, v
             else:
-                outputs[TOKENS] = x
+                x, k, v, _ = explicit_block_forward(block, x, need_attention=False)
+                if self.feature == "kv":
+                    outputs[KEYS], outputs[VALUES] = k, v
+                else:
+                    outputs[TOKENS] = x
             for name, tensor in outputs.items():
                 per_layer.setdefault(name, []).append(tensor)
         return {name: torch.stack(tensors, dim=1) for name, tensors in per_layer.items()}
