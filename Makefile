@@ -40,7 +40,7 @@ demo: $(RUN_STAMP)
 	$(PETL) run --methods all --res 512 --report
 
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 test-fast: $(DEV_STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
