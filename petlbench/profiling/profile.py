@@ -34,10 +34,10 @@ from petlbench.core.method import (
 from petlbench.engine.build import build_model
 from petlbench.engine.step import TrainStep, make_optimizer
 from petlbench.profiling.flops import (
-    NO_ATTENTION_RULE,
-    attention_macs,
     FLOPS_RULE,
     FLOPS_UNIT,
+    NO_ATTENTION_RULE,
+    attention_macs,
     fvcore_forward,
     to_gflops_per_image,
     torch_forward,
