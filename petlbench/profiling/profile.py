@@ -295,47 +295,70 @@ def memory_sweep(
 
     Rows: `method`, `res`, `est_peak_mem_mb` (MiB), `exceeds_budget` (bool, None without a budget),
     `est_breakdown_mb`, `attention`, `est_peak_phase`, `batch_size`, `backbone`, `mem_unit`. A configuration
-    that cannot be built (e.g. a resolution not divisible by the patch size) gives None + `error`.
+    that cannot be built (e.g. a resolution not divisible by the patch size) gives None + `error`. Every value is an
+    exact estimate, memoised in this process with the planner's (`planner.exact_estimate`); the heap alive on entry
+    is left out of garbage collection meanwhile (`planner.frozen_heap`).
     """
+    from petlbench.profiling.planner import frozen_heap  # the planner imports this module
+
     budget = parse_mem(gpu_mem_bytes)
     rows = []
-    for key in parse_method_keys(method_keys):
-        method = make_method(key, options)
-        for res in resolutions:
-            started = time.perf_counter()
-            row: dict[str, Any] = {"method": key, "res": int(res), "batch_size": batch_size, "backbone": backbone.name}
-            try:
-                est = estimate_training_memory(
-                    method, backbone, int(res), batch_size, num_classes, attention=attention, target=target
-                )
-            except Exception as error:  # noqa: BLE001 - one bad cell must not stop the sweep
-                row.update(
-                    {
-                        "est_peak_mem_mb": None,
-                        "exceeds_budget": None,
-                        "est_breakdown_mb": None,
-                        "error": f"{type(error).__name__}: {error}",
-                    }
-                )
-            else:
-                d = est.to_dict()
-                row.update(
-                    {
-                        "est_peak_mem_mb": d["est_peak_mem_mb"],
-                        "exceeds_budget": None if budget is None else est.peak_bytes > budget,
-                        "est_breakdown_mb": d["est_breakdown_mb"],
-                        "attention": d["attention"],
-                        "est_peak_phase": d["est_peak_phase"],
-                        "batch_source": d["batch_source"],
-                        "mem_unit": d["mem_unit"],
-                    }
-                )
-            row["gpu_mem_mb"] = None if budget is None else budget / MIB
-            row["est_seconds"] = time.perf_counter() - started
-            if log is not None:
-                log(f"{key} @ {res}px: {row['est_peak_mem_mb']} MiB ({row['est_seconds']:.1f}s)")
-            rows.append(row)
+    with frozen_heap():
+        for key in parse_method_keys(method_keys):
+            method = make_method(key, options)
+            for res in resolutions:
+                row = _sweep_cell(key, method, backbone, int(res), batch_size, budget, num_classes, attention, target)
+                if log is not None:
+                    log(f"{key} @ {res}px: {row['est_peak_mem_mb']} MiB ({row['est_seconds']:.1f}s)")
+                rows.append(row)
     return rows
+
+
+def _sweep_cell(
+    key: str,
+    method: Method,
+    backbone: BackboneSpec,
+    res: int,
+    batch_size: int,
+    budget: int | None,
+    num_classes: int,
+    attention: str,
+    target: str,
+) -> dict[str, Any]:
+    """One row of `memory_sweep`: the exact estimate of `method` at `res` (memoised), or None + `error`."""
+    from petlbench.profiling.planner import exact_estimate
+
+    started = time.perf_counter()
+    row: dict[str, Any] = {"method": key, "res": res, "batch_size": batch_size, "backbone": backbone.name}
+    try:
+        est = exact_estimate(
+            method, backbone, res, batch_size, num_classes=num_classes, attention=attention, target=target
+        )
+    except Exception as error:  # noqa: BLE001 - one bad cell must not stop the sweep
+        row.update(
+            {
+                "est_peak_mem_mb": None,
+                "exceeds_budget": None,
+                "est_breakdown_mb": None,
+                "error": f"{type(error).__name__}: {error}",
+            }
+        )
+    else:
+        d = est.to_dict()
+        row.update(
+            {
+                "est_peak_mem_mb": d["est_peak_mem_mb"],
+                "exceeds_budget": None if budget is None else est.peak_bytes > budget,
+                "est_breakdown_mb": d["est_breakdown_mb"],
+                "attention": d["attention"],
+                "est_peak_phase": d["est_peak_phase"],
+                "batch_source": d["batch_source"],
+                "mem_unit": d["mem_unit"],
+            }
+        )
+    row["gpu_mem_mb"] = None if budget is None else budget / MIB
+    row["est_seconds"] = time.perf_counter() - started
+    return row
 
 
 # ----------------------------------------------------------------------------------------- trainer
