@@ -35,6 +35,7 @@ def paper_check(
         soft_wrap=True,
     )
     console.print(f"paper check written: {', '.join(result['paths'])} ({result['seconds']:.0f}s)", markup=False)
+    console.print(f"`petlbench report --out {out}` links it from index.md", markup=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

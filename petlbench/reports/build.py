@@ -567,6 +567,14 @@ def write_index(out: Path, results_dir: Path, runs: Runs, b: ReportBuilder, runs
                 continue
             links = " · ".join(f"[{fmt}]({_link(p, out)})" for fmt, p in entry.files.items())
             lines.append(f"- **{name}** — {entry.caption} {links}")
+    lines += ["", "## Paper check", ""]
+    if (out / "paper_check.md").is_file():
+        lines.append(
+            "- **Paper check** — the papers' printed efficiency values beside petlbench's under the paper preset, "
+            "with the relative error per cell [md](paper_check.md) · [csv](paper_check.csv)"
+        )
+    else:
+        lines.append("- Paper check — *not written yet*: run `petlbench paper-check` (estimator only, any machine).")
     path = out / INDEX_NAME
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path
