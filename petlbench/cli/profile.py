@@ -203,7 +203,12 @@ def memory(
         table.add_row(key, *values)
     console.print(table)
     if budget is not None:
-        console.print(f"✗ (red): above the {budget / 2**30:g} GiB budget")
+        kinds = sorted({str(r.get("budget_memory_kind")) for r in rows if r.get("budget_memory_kind")})
+        console.print(
+            f"values: allocated memory (MiB); ✗ (red): above the {budget / 2**30:g} GiB budget, compared with "
+            f"{' / '.join(kinds) or 'allocated'} memory (device when a CUDA context is measured, else reserved)",
+            soft_wrap=True,
+        )
     for row in rows:
         if row.get("error"):
             console.print(f"{row['method']} @ {row['res']} px: {row['error']}", markup=False)

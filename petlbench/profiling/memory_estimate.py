@@ -954,3 +954,20 @@ def estimate_training_memory(
         build=build,
         round_to=round_to,
     )
+
+
+# The memory kinds an estimate names, and the one a GPU budget is compared with (the most device-like it has).
+KIND_FIELDS = {"device": "est_device_mem_mb", "reserved": "est_reserved_mem_mb", "allocated": "est_peak_mem_mb"}
+KIND_LABELS = {
+    "device": "device memory (reserved + measured CUDA context, what nvidia-smi shows)",
+    "reserved": "reserved memory (simulated CUDA caching allocator; no CUDA context)",
+    "allocated": "allocated memory (live tensors; no allocator caching, no CUDA context)",
+}
+
+
+def select_memory_kind(record: dict[str, Any]) -> str:
+    """The memory kind to compare with a budget: "device" if the record has it, else "reserved", else "allocated"."""
+    for kind in ("device", "reserved"):
+        if record.get(KIND_FIELDS[kind]) is not None:
+            return kind
+    return "allocated"

@@ -59,7 +59,14 @@ import numpy as np
 from petlbench.core.method import BackboneSpec, Method, parse_method_keys
 from petlbench.profiling.allocator import device_memory_mb
 from petlbench.profiling.flops import FLOPS_UNIT, to_gflops_per_image
-from petlbench.profiling.memory_estimate import MIB, MemoryEstimate, estimate_training_memory
+from petlbench.profiling.memory_estimate import (
+    KIND_FIELDS,
+    KIND_LABELS,
+    MIB,
+    MemoryEstimate,
+    estimate_training_memory,
+    select_memory_kind,
+)
 from petlbench.profiling.profile import make_method, parse_mem
 
 DEFAULT_BATCH_SIZE = 16
@@ -67,12 +74,6 @@ DEFAULT_RES = 512
 DEFAULT_MAX_RES = 8192
 DEFAULT_MAX_BATCH = 8192
 REFERENCE_DIR = Path("results/reference")
-KIND_FIELDS = {"device": "est_device_mem_mb", "reserved": "est_reserved_mem_mb", "allocated": "est_peak_mem_mb"}
-KIND_LABELS = {
-    "device": "device memory (reserved + measured CUDA context, what nvidia-smi shows)",
-    "reserved": "reserved memory (simulated CUDA caching allocator; no CUDA context)",
-    "allocated": "allocated memory (live tensors; no allocator caching, no CUDA context)",
-}
 FIT_PROBES = 8  # fit-guided probes per search before falling back to bisection
 SCALING = ("activations", "inputs", "preloaded_features")  # breakdown categories that grow with the batch
 
@@ -136,14 +137,6 @@ def frozen_heap() -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------- memory kinds
-def select_memory_kind(record: Mapping[str, Any]) -> str:
-    """The memory kind to compare with a budget: "device" if the record has it, else "reserved", else "allocated"."""
-    for kind in ("device", "reserved"):
-        if record.get(KIND_FIELDS[kind]) is not None:
-            return kind
-    return "allocated"
-
-
 def kind_reason(record: Mapping[str, Any], kind: str) -> str:
     """Why `kind` was chosen for this record (what the better kinds lacked)."""
     if kind == "device":

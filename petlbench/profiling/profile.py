@@ -42,7 +42,13 @@ from petlbench.profiling.flops import (
     to_gflops_per_image,
     torch_forward,
 )
-from petlbench.profiling.memory_estimate import MIB, estimate_model_memory, estimate_training_memory
+from petlbench.profiling.memory_estimate import (
+    KIND_FIELDS,
+    MIB,
+    estimate_model_memory,
+    estimate_training_memory,
+    select_memory_kind,
+)
 from petlbench.profiling.models import (
     BatchSpec,
     batch_spec,
@@ -348,7 +354,10 @@ def _sweep_cell(
         row.update(
             {
                 "est_peak_mem_mb": d["est_peak_mem_mb"],
-                "exceeds_budget": None if budget is None else est.peak_bytes > budget,
+                "est_reserved_mem_mb": d["est_reserved_mem_mb"],
+                "est_device_mem_mb": d["est_device_mem_mb"],
+                "budget_memory_kind": select_memory_kind(d),
+                "exceeds_budget": (None if budget is None else d[KIND_FIELDS[select_memory_kind(d)]] * MIB > budget),
                 "est_breakdown_mb": d["est_breakdown_mb"],
                 "attention": d["attention"],
                 "est_peak_phase": d["est_peak_phase"],
