@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_contract import PLUGIN  # the one-file plugin of the README's recipe
 from typer.testing import CliRunner
 
 from petlbench.cli import app
@@ -167,34 +168,6 @@ def test_same_seed_same_history_whether_cache_is_built_or_reused(tmp_path: Path)
         reused = record["efficiency"]["prepare"]["info"]["cache_reused"]
     assert reused is True
     assert histories[0] == histories[1]
-
-
-PLUGIN = """
-from dataclasses import dataclass
-
-from petlbench.backbones.vit import create_backbone
-from petlbench.backbones.classifier import BackboneClassifier, freeze_except, name_matcher
-from petlbench.core.method import BuildContext, Method, PetlModel, register_method
-from petlbench.core.options import option
-
-
-@dataclass(frozen=True)
-class NormTuningOptions:
-    include_head: bool = option(True, "train the head too")
-
-
-@register_method
-class NormTuning(Method):
-    key = "norm_tuning"
-    display_name = "Norm tuning"
-    Options = NormTuningOptions
-
-    def build(self, ctx: BuildContext) -> PetlModel:
-        net = create_backbone(ctx.backbone, ctx.res, ctx.num_classes)
-        patterns = [r".*norm.*"] + ([r"head\\..+"] if self.options.include_head else [])
-        freeze_except(net, name_matcher(patterns))
-        return BackboneClassifier(net)
-"""
 
 
 @pytest.mark.slow

@@ -46,10 +46,10 @@ from petlbench.core.options import describe, option
 from petlbench.data.source import SPLITS, DatasetSource, Sample, sample_id_for
 from petlbench.data.views import ViewDataset
 from petlbench.engine.build import build_model
-from petlbench.engine.params import param_row
 from petlbench.engine.step import make_optimizer, train_step
 from petlbench.profiling.memory_estimate import estimate_training_memory
 from petlbench.profiling.models import build_meta, make_context
+from petlbench.profiling.params import param_row
 
 torch.set_num_threads(1)
 

@@ -276,7 +276,7 @@ def params(
     from petlbench.backbones.vit import check_resolution
     from petlbench.core.method import BackboneSpec, parse_method_keys
     from petlbench.core.options import parse_opt_flags
-    from petlbench.engine.params import param_row
+    from petlbench.profiling.params import param_row
 
     try:
         keys = parse_method_keys(methods)

@@ -1,1 +1,1 @@
-"""The engine: one training step, the training protocol, running a request, metrics and parameter counts."""
+"""The engine: one training step, the training protocol and its callbacks, running a request, metrics, predict."""
