@@ -239,13 +239,12 @@ class MethodEntry(TypedDict):
 @app.command("methods")
 def list_methods(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """List the methods with their display names and options (defaults and help)."""
-    from petlbench.core.method import get_method, method_keys
-    from petlbench.core.options import describe
+    from petlbench.core.catalog import method_cards
 
-    entries: list[MethodEntry] = []
-    for key in method_keys():
-        cls = get_method(key)
-        entries.append({"method": key, "name": cls.display_name, "options": describe(cls.Options)})
+    entries: list[MethodEntry] = [
+        {"method": card.key, "name": card.display_name, "options": [o.as_dict() for o in card.options]}
+        for card in method_cards()
+    ]
     if as_json:
         print(json.dumps(entries, indent=2, default=str))
         return

@@ -249,15 +249,6 @@ def parse_method_keys(methods: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
-def builtin_method_modules() -> list[str]:
-    """The module names of `petlbench.methods` (each is a method key), without importing them."""
-    import pkgutil
-
-    import petlbench.methods
-
-    return sorted(m.name for m in pkgutil.iter_modules(petlbench.methods.__path__) if not m.name.startswith("_"))
-
-
 _plugins_loaded = False
 
 
@@ -272,10 +263,12 @@ def load_plugins() -> None:
     import sys
     from importlib.metadata import entry_points
 
+    from petlbench.core.catalog import PLUGIN_GROUP, builtin_method_modules
+
     for key in builtin_method_modules():
         if key not in METHODS:
             METHODS.register_lazy(key, f"petlbench.methods.{key}")
-    for entry in entry_points(group="petlbench.methods"):
+    for entry in entry_points(group=PLUGIN_GROUP):
         entry.load()  # the module registers itself with @register_method
     for path in filter(None, os.environ.get("PETLBENCH_PLUGINS", "").split(os.pathsep)):
         name = f"petlbench_plugin_{Path(path).stem}"

@@ -68,22 +68,6 @@ def field_types(options_cls: type) -> dict[str, Any]:
     return typing.get_type_hints(options_cls)
 
 
-def describe(options_cls: type) -> list[dict[str, Any]]:
-    """Name, type, default and help of every option (for `petlbench methods` and docs)."""
-    hints = field_types(options_cls)
-    rows = []
-    for field in dataclasses.fields(options_cls):
-        rows.append(
-            {
-                "name": field.name,
-                "type": getattr(hints[field.name], "__name__", str(hints[field.name])),
-                "default": field.default,
-                "help": field.metadata.get("help", ""),
-            }
-        )
-    return rows
-
-
 def build_options(options_cls: type, overrides: dict[str, str | Any], method_key: str) -> Any:
     """Instantiate `options_cls` with string (or typed) overrides; unknown keys raise with the valid ones."""
     hints = field_types(options_cls)
