@@ -382,3 +382,83 @@ def test_memory_sweep_values_are_exact_estimates() -> None:
         memory_sweep("lora", TINY, [64, 96], 2, gpu_mem_bytes="48GB")[0]["est_peak_mem_mb"]
         == rows[0]["est_peak_mem_mb"]
     )
+
+
+# ----------------------------------------------------------------------------------------- run --res/--batch-size auto
+def _auto_request(tmp_path: Path, **sizes: object) -> object:
+    from petlbench.engine.runner import RunRequest
+
+    base = {"methods": "lora,fpt_plus", "results": tmp_path, "backbone": "test_vit", "epochs": 1, "device": "cpu"}
+    return RunRequest(**{**base, **sizes})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("axis", ["res", "batch_size"])
+def test_run_auto_sizes_are_the_planners_answers_and_keep_the_run_id(tmp_path: Path, axis: str) -> None:
+    """`run --res auto` / `--batch-size auto`: every method gets what `plan_for` answers for it at the run's other
+    size; the choice is stored with the run, and the run id is the one of the same sizes given explicitly."""
+    from petlbench.engine.runner import resolve
+
+    budget = "96MB"
+    sizes = {"res": "auto", "batch_size": BATCH} if axis == "res" else {"res": RES, "batch_size": "auto"}
+    resolved = resolve(_auto_request(tmp_path, **sizes), log=lambda _: None, size_planner=planner.size_planner(budget))  # type: ignore[arg-type]
+    assert [cfg.method for _, cfg in resolved.configs] == ["lora", "fpt_plus"]
+    for method, cfg in resolved.configs:
+        plan = plan_for(
+            method, TINY, budget, num_classes=resolved.source.num_classes, throughput=False, **sizes_for(axis)
+        )
+        expected = (plan.max_res, BATCH) if axis == "res" else (RES, plan.max_batch)
+        assert (cfg.res, cfg.batch_size) == expected and None not in expected
+        assert cfg.size_plan.startswith(f"--{axis.replace('_', '-')} auto = ") and "96 MiB" in cfg.size_plan
+        explicit = resolve(
+            _auto_request(tmp_path, methods=cfg.method, res=cfg.res, batch_size=cfg.batch_size),
+            log=lambda _: None,  # type: ignore[arg-type]
+        )
+        assert explicit.configs[0][1].run_id == cfg.run_id and explicit.configs[0][1].size_plan == ""
+        assert any(note.startswith(f"{cfg.method}: --") for note in resolved.notes)
+
+
+def sizes_for(axis: str) -> dict[str, int]:
+    """The fixed size of a single-axis plan."""
+    return {"batch_size": BATCH} if axis == "res" else {"res": RES}
+
+
+@pytest.mark.parametrize(
+    ("sizes", "gpu_mem", "message"),
+    [
+        ({"res": "auto", "batch_size": "auto"}, "1GB", "fix one of them"),
+        ({"res": "big"}, "1GB", "give a positive integer or 'auto'"),
+        ({"res": "auto"}, None, "no GPU budget: the run trains on cpu; give --gpu-mem"),
+        ({"res": "auto", "batch_size": BATCH}, "1MB", "nothing fits 1 MiB"),
+        ({"res": RES, "batch_size": "auto"}, "0GB", "--gpu-mem '0GB': give a positive size"),
+    ],
+)
+def test_run_auto_sizes_refuse_what_they_cannot_answer(
+    tmp_path: Path, sizes: dict[str, object], gpu_mem: str | None, message: str
+) -> None:
+    from petlbench.engine.runner import RunRequestError, resolve
+
+    with pytest.raises(RunRequestError, match=message.replace("(", r"\(")):
+        resolve(_auto_request(tmp_path, **sizes), log=lambda _: None, size_planner=planner.size_planner(gpu_mem))  # type: ignore[arg-type]
+
+
+def test_run_cli_auto_without_budget_on_cpu_exits_2_before_any_work(tmp_path: Path) -> None:
+    from petlbench.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--methods",
+            "lora",
+            "--backbone",
+            "test_vit",
+            "--res",
+            "auto",
+            "--device",
+            "cpu",
+            "--results",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 2 and "--res auto for lora: no GPU budget" in result.output
+    assert not list(tmp_path.glob("*/result.json"))

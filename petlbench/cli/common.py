@@ -63,6 +63,19 @@ def check_attention(attention: str) -> Attention:
     fail(f"--attention {attention!r}: use {', '.join(ATTENTION_CHOICES)}")
 
 
+def size_flag(flag: str, value: str | None) -> int | str | None:
+    """A resolution or batch-size flag: a positive integer, 'auto' (the planner chooses), or None (not given)."""
+    if value is None or value.strip().lower() == "auto":
+        return None if value is None else "auto"
+    try:
+        number = int(value)
+    except ValueError:
+        fail(f"{flag} {value!r}: give a positive integer or 'auto'")
+    if number < 1:
+        fail(f"{flag} {value!r}: give a positive integer or 'auto'")
+    return number
+
+
 def check_amp(amp: str) -> Amp:
     """`amp` as a known autocast mode; exits with a clear error otherwise."""
     from petlbench.sweep.spec import AMP_CHOICES

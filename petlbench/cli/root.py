@@ -14,7 +14,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from petlbench.cli.common import check_amp, check_attention, console, err_console, fail, plain_log, user_errors
+from petlbench.cli.common import (
+    check_amp,
+    check_attention,
+    console,
+    err_console,
+    fail,
+    plain_log,
+    size_flag,
+    user_errors,
+)
 
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
@@ -61,7 +70,13 @@ def run(
         str | None, typer.Option(help="Image folder, CSV manifest or dataset card; default: embedded synthetic set.")
     ] = None,
     results: Annotated[Path, typer.Option(help="Results folder.")] = Path("results"),
-    res: Annotated[int, typer.Option(help="Input resolution (FPT/FPT+: of the frozen large model).")] = 512,
+    res: Annotated[
+        str,
+        typer.Option(
+            help="Input resolution (FPT/FPT+: of the frozen large model), or 'auto': per method the largest that fits "
+            "--gpu-mem at --batch-size (`petlbench plan`)."
+        ),
+    ] = "512",
     backbone: Annotated[
         str | None, typer.Option(help="timm ViT name; default vit_base_patch16_224 (tiny ViT on the embedded default).")
     ] = None,
@@ -70,7 +85,17 @@ def run(
         str | None, typer.Option(help="Local .safetensors / PyTorch checkpoint for the backbone.")
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (default 20; 3 on the embedded default).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size (default 16; 8 on the embedded default).")] = None,
+    batch_size: Annotated[
+        str | None,
+        typer.Option(
+            help="Batch size (default 16; 8 on the embedded default), or 'auto': per method the largest that fits "
+            "--gpu-mem at --res."
+        ),
+    ] = None,
+    gpu_mem: Annotated[
+        str | None,
+        typer.Option(help="GPU memory budget of 'auto' sizes, e.g. 24GB; default: the CUDA device's total memory."),
+    ] = None,
     lr: Annotated[float | None, typer.Option(help="Base learning rate (default: dataset card's, else 1e-3).")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (default 0.1).")] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated training seeds, e.g. 0,1,2,3,4.")] = "0",
@@ -113,24 +138,26 @@ def run(
     from petlbench.engine.callbacks import Callbacks, EpochLog, RunCallback
     from petlbench.engine.runner import RunRequest, check_results_folder, execute, format_mean_std, resolve, summarise
     from petlbench.engine.training import ProgressHooks
+    from petlbench.profiling.planner import size_planner
     from petlbench.reports.callbacks import run_callbacks
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         fail(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2")
+    res_value, batch_value = size_flag("--res", res) or 512, size_flag("--batch-size", batch_size)
     amp_mode = check_amp(amp)
     attention_kernel = check_attention(attention)
     request = RunRequest(
         methods=methods,
         dataset=dataset,
         results=results,
-        res=res,
+        res=res_value,
         backbone=backbone,
         pretrained=pretrained,
         weights=weights,
         epochs=epochs,
-        batch_size=batch_size,
+        batch_size=batch_value,
         lr=lr,
         weight_decay=weight_decay,
         seeds=seed_list,
@@ -147,7 +174,7 @@ def run(
     )
     try:
         check_results_folder(results)  # before resolve, which may write a generated split there
-        resolved = resolve(request, log=plain_log(console))
+        resolved = resolve(request, log=plain_log(console), size_planner=size_planner(gpu_mem))
     except user_errors() as err:
         fail(str(err))
     except ValueError as err:
@@ -158,7 +185,8 @@ def run(
     console.print(
         f"dataset [bold]{escape(resolved.source.name)}[/bold] ({resolved.source.num_classes} classes, split "
         f"{resolved.source.split_origin}, {len(resolved.source.samples)} images) · backbone {first.backbone} "
-        f"({first.weights}) · {first.res}px · {first.epochs} epochs · batch {first.batch_size} · "
+        f"({first.weights}) · {_sizes(resolved, 'res', 'px')} · {first.epochs} epochs · "
+        f"{_sizes(resolved, 'batch_size', '', 'batch ')} · "
         f"lr {first.lr:g} · device {first.device} · {len(resolved.configs)} runs"
     )
     store = ResultStore(results, log=plain_log(err_console))
@@ -256,6 +284,14 @@ def list_methods(as_json: Annotated[bool, typer.Option("--json", help="Machine-r
         opts = "\n".join(f"{o['name']}={_show(o['default'])} — {o['help']}" for o in entry["options"]) or "—"
         table.add_row(entry["method"], entry["name"], opts)
     console.print(table)
+
+
+def _sizes(resolved: Any, name: str, unit: str, prefix: str = "") -> str:
+    """One run setting for the header: its value, or each method's where `auto` chose them per method."""
+    values = {cfg.method: getattr(cfg, name) for _, cfg in resolved.configs}
+    if len(set(values.values())) == 1:
+        return f"{prefix}{next(iter(values.values()))}{unit}"
+    return f"{prefix}" + ", ".join(f"{key} {value}{unit}" for key, value in values.items())
 
 
 def _show(value: Any) -> str:

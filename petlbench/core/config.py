@@ -22,7 +22,7 @@ PAPER_WEIGHT_DECAY = 0.1
 GRAD_CLIP_NORM = 1.0
 
 # Fields that do not change what a run computes and so stay out of its id.
-_NOT_IDENTITY = {"num_workers", "dataset_path", "weights_path", "preset"}
+_NOT_IDENTITY = {"num_workers", "dataset_path", "weights_path", "preset", "size_plan"}
 # Fields added after runs were stored: left out of the id at their default, so earlier run ids stay valid.
 _ADDED_WITH_DEFAULT = {"pos_interp": "timm", "augmentation": "global-stream"}
 
@@ -96,6 +96,9 @@ class RunConfig:
     # before, from the global random stream, which made results depend on the worker count and the method).
     augmentation: str = "per-sample"
     preset: str = "none"  # the preset that chose defaults (its choices are the fields above; not part of the id)
+    # How `--res auto` / `--batch-size auto` chose res or batch_size ("" when given); not part of the id, which the
+    # chosen values already are.
+    size_plan: str = ""
 
     def __post_init__(self) -> None:
         check_run_values(

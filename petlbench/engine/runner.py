@@ -7,12 +7,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from petlbench.backbones.position import POS_INTERP_CHOICES
-from petlbench.backbones.vit import TINY_BACKBONE, check_resolution
+from petlbench.backbones.vit import TINY_BACKBONE, check_resolution, patch_size_of
 from petlbench.core.config import (
     PAPER_BATCH_SIZE,
     PAPER_EPOCHS,
@@ -37,6 +37,33 @@ from petlbench.engine.training import ProgressHooks, run_training
 # The embedded default: what `petlbench run` trains on a machine with no data and no GPU.
 EMBEDDED_EPOCHS = 3
 EMBEDDED_BATCH_SIZE = 8
+AUTO = "auto"  # `--res auto` / `--batch-size auto`: the largest that fits the GPU budget, per method
+
+
+@dataclass(frozen=True)
+class PlannedSize:
+    """The resolution and batch size a size planner chose for one method, and how (stored with the run)."""
+
+    res: int
+    batch_size: int
+    how: str
+
+
+class SizePlanner(Protocol):
+    """Chooses `res` (given `batch_size`) or `batch_size` (given `res`) for a method; the other one is None.
+    Raises ValueError, saying why, when nothing fits or no budget is known."""
+
+    def __call__(
+        self,
+        method: Method,
+        backbone: BackboneSpec,
+        *,
+        res: int | None,
+        batch_size: int | None,
+        num_classes: int,
+        attention: str,
+        device: torch.device,
+    ) -> PlannedSize: ...
 
 
 class RunRequestError(ValueError):
@@ -50,12 +77,12 @@ class RunRequest:
     methods: Sequence[str] | str = "all"
     dataset: str | None = None
     results: Path = Path("results")
-    res: int = 512
+    res: int | str = 512  # or AUTO
     backbone: str | None = None
     pretrained: bool = False
     weights: str | None = None
     epochs: int | None = None
-    batch_size: int | None = None
+    batch_size: int | str | None = None  # or AUTO
     lr: float | None = None
     weight_decay: float | None = None
     seeds: Sequence[int] = (0,)
@@ -116,14 +143,18 @@ def check_results_folder(results: str | Path) -> None:
         raise RunRequestError(f"{err}: choose another with --results") from None
 
 
-def resolve(request: RunRequest, log: Callable[[str], None] = print) -> ResolvedRun:
-    """Apply defaults (embedded dataset, tiny ViT without a GPU), validate, and expand into run configs."""
+def resolve(
+    request: RunRequest, log: Callable[[str], None] = print, size_planner: SizePlanner | None = None
+) -> ResolvedRun:
+    """Apply defaults (embedded dataset, tiny ViT without a GPU), validate, and expand into run configs;
+    `size_planner` answers `--res auto` / `--batch-size auto`."""
     from petlbench.data.discover import adopt_legacy_split, open_dataset
 
+    auto_res, auto_batch = _auto_axes(request, size_planner)
     check_run_values(
         epochs=request.epochs,
-        batch_size=request.batch_size,
-        res=request.res,
+        batch_size=None if auto_batch else request.batch_size,
+        res=None if auto_res else request.res,
         lr=request.lr,
         weight_decay=request.weight_decay,
         num_workers=request.workers,
@@ -158,7 +189,8 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
             )
         else:
             backbone_name = "vit_base_patch16_224"
-    check_resolution(backbone_name, request.res)
+    if not auto_res:
+        check_resolution(backbone_name, int(request.res))
     backbone = BackboneSpec(
         backbone_name, pretrained=request.pretrained, weights=request.weights, pos_interp=pos_interp
     )
@@ -166,7 +198,9 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
     if request.weights:
         if not Path(request.weights).is_file():
             raise RunRequestError(f"--weights {request.weights}: no such file")
-        notes.extend(check_weights(backbone, request.weights, request.res))
+        # any resolution the backbone accepts shows whether the file fits it; 'auto' sizes are chosen later
+        check_res = 16 * patch_size_of(backbone_name) if auto_res else int(request.res)
+        notes.extend(check_weights(backbone, request.weights, check_res))
         weights_label = f"file:{Path(request.weights).name}#{file_digest(request.weights)}"
     if weights_label == "random-init":
         notes.append(f"backbone {backbone_name}: random initialisation (no --pretrained or --weights)")
@@ -183,7 +217,9 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
     small = embedded and not has_gpu
     epochs = request.epochs if request.epochs is not None else (EMBEDDED_EPOCHS if small else PAPER_EPOCHS)
     batch_size = (
-        request.batch_size if request.batch_size is not None else (EMBEDDED_BATCH_SIZE if small else PAPER_BATCH_SIZE)
+        int(request.batch_size)
+        if request.batch_size is not None and not auto_batch
+        else (EMBEDDED_BATCH_SIZE if small else PAPER_BATCH_SIZE)
     )
     lr = request.lr if request.lr is not None else (card_lr or PAPER_LR)
     weight_decay = request.weight_decay if request.weight_decay is not None else PAPER_WEIGHT_DECAY
@@ -193,8 +229,27 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
     if request.amp != "none" and device.type != "cuda":
         notes.append(f"--amp {request.amp} ignored on {device.type}: autocast is used on CUDA only")
     fingerprint = source.fingerprint()
+    sizes: dict[str, PlannedSize] = {}
+    if auto_res or auto_batch:
+        assert size_planner is not None  # _auto_axes refused otherwise
+        for method in methods:
+            try:
+                sizes[method.key] = size_planner(
+                    method,
+                    backbone,
+                    res=None if auto_res else int(request.res),
+                    batch_size=batch_size if auto_res else None,
+                    num_classes=source.num_classes,
+                    attention=attention,
+                    device=device,
+                )
+            except ValueError as err:
+                flag = "--res" if auto_res else "--batch-size"
+                raise RunRequestError(f"{flag} auto for {method.key}: {err}") from None
+            notes.append(f"{method.key}: {sizes[method.key].how}")
     configs = []
     for method in methods:
+        size = sizes.get(method.key)
         for seed in request.seeds:
             cfg = RunConfig(
                 method=method.key,
@@ -202,9 +257,9 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
                 dataset_fingerprint=fingerprint,
                 backbone=backbone_name,
                 weights=weights_label,
-                res=request.res,
+                res=size.res if size else int(request.res),
                 epochs=epochs,
-                batch_size=batch_size,
+                batch_size=size.batch_size if size else batch_size,
                 lr=lr,
                 weight_decay=weight_decay,
                 seed=int(seed),
@@ -218,9 +273,26 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
                 weights_path=str(Path(request.weights).resolve()) if request.weights else "",
                 pos_interp=pos_interp,
                 preset=preset.name,
+                size_plan=size.how if size else "",
             )
             configs.append((method, cfg))
     return ResolvedRun(methods, source, backbone, configs, notes)
+
+
+def _auto_axes(request: RunRequest, size_planner: SizePlanner | None) -> tuple[bool, bool]:
+    """Which of res / batch size the planner chooses; refuses anything else given as text."""
+    auto_res, auto_batch = request.res == AUTO, request.batch_size == AUTO
+    for flag, value, auto in (("--res", request.res, auto_res), ("--batch-size", request.batch_size, auto_batch)):
+        if isinstance(value, str) and not auto:
+            raise RunRequestError(f"{flag} {value!r}: give a positive integer or 'auto'")
+    if auto_res and auto_batch:
+        raise RunRequestError(
+            "--res auto and --batch-size auto together: fix one of them; the planner finds the largest value of the "
+            "other that fits"
+        )
+    if (auto_res or auto_batch) and size_planner is None:
+        raise RunRequestError("'auto' sizes need a size planner here; give --res and --batch-size as numbers")
+    return auto_res, auto_batch
 
 
 def check_weights(backbone: BackboneSpec, path: str | Path, res: int) -> list[str]:

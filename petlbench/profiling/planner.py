@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from petlbench.core.method import BackboneSpec, Method, parse_method_keys
+from petlbench.engine.runner import PlannedSize, SizePlanner
 from petlbench.profiling.allocator import device_memory_mb
 from petlbench.profiling.flops import FLOPS_UNIT, to_gflops_per_image
 from petlbench.profiling.memory_estimate import (
@@ -928,3 +929,68 @@ __all__ = [
     "plan_methods",
     "select_memory_kind",
 ]
+
+
+# ----------------------------------------------------------------------------------------- run --res/--batch-size auto
+def size_planner(gpu_mem: str | int | None) -> SizePlanner:
+    """The `SizePlanner` of `run --res auto` / `--batch-size auto`: the plan's answer within `gpu_mem` (default: the
+    total memory of the CUDA device the run trains on)."""
+
+    def plan(
+        method: Method,
+        backbone: BackboneSpec,
+        *,
+        res: int | None,
+        batch_size: int | None,
+        num_classes: int,
+        attention: str,
+        device: Any,
+    ) -> PlannedSize:
+        budget, gpu = _run_budget(gpu_mem, device)
+        found = plan_for(
+            method,
+            backbone,
+            budget,
+            batch_size=batch_size,
+            res=res,
+            num_classes=num_classes,
+            attention=attention,
+            gpu=gpu,
+            throughput=False,
+        )
+        axis = found.res_plan if res is None else found.batch_plan
+        assert axis is not None  # plan_for searched the one axis left open
+        where = f"{size_text(budget)}{f' ({gpu})' if gpu else ''}"
+        kind = f"estimated {found.memory_kind} memory"
+        if axis.value is None:
+            raise ValueError(
+                f"nothing fits {where}: the smallest {'resolution' if res is None else 'batch size'} needs "
+                f"{_fmt(axis.next_mem_mb)} MiB of {kind} ({found.memory_kind_reason}); lower "
+                f"{'--batch-size' if res is None else '--res'} or give a larger --gpu-mem"
+            )
+        unit = " px" if res is None else ""
+        past = "the search limit" if axis.capped else f"{axis.value + axis.step}{unit} needs {_fmt(axis.next_mem_mb, 1)}"
+        how = (
+            f"{'--res' if res is None else '--batch-size'} auto = {axis.value}{unit}, the largest that fits {where} "
+            f"at {'batch size' if res is None else 'resolution'} {axis.fixed}{'' if res is None else ' px'}: "
+            f"{_fmt(axis.mem_mb, 1)} MiB of {kind}; {past}{'' if axis.capped else ' MiB'}"
+        )
+        if res is None:
+            return PlannedSize(res=axis.value, batch_size=axis.fixed, how=how)
+        return PlannedSize(res=axis.fixed, batch_size=axis.value, how=how)
+
+    return plan
+
+
+def _run_budget(gpu_mem: str | int | None, device: Any) -> tuple[int, str | None]:
+    """The budget in bytes and the GPU it stands for: `gpu_mem` if given, else the CUDA device's total memory."""
+    if gpu_mem is not None:
+        budget = parse_mem(gpu_mem)
+        if budget is None or budget <= 0:
+            raise ValueError(f"--gpu-mem {gpu_mem!r}: give a positive size, e.g. 24GB")
+        return budget, None
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        raise ValueError(f"no GPU budget: the run trains on {device}; give --gpu-mem SIZE (e.g. 24GB)")
+    return torch.cuda.get_device_properties(device).total_memory, torch.cuda.get_device_name(device)
