@@ -189,3 +189,32 @@ def test_cuda_path_matches_the_cpu_reference(mode: str, chunk: int | None, monke
     assert torch.equal(got["indices"].cpu(), ref["indices"])
     torch.testing.assert_close(got["keys"].cpu(), ref["keys"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got["scores"].cpu(), ref["scores"], rtol=1e-4, atol=1e-7)
+
+
+def test_bare_forward_is_timms_forward_through_the_same_blocks() -> None:
+    """The bench's floor of the preload pass: timm's own fused blocks, the ones the LPM runs, and nothing else."""
+    from petlbench.fpt.lpm import BareForward
+
+    vit = sharp_vit()
+    with torch.no_grad():
+        full = vit.forward_features(images())
+        assert torch.equal(vit.norm(BareForward(FrozenLPM(vit, [1, 3]))(images())), full)
+        partial = BareForward(FrozenLPM(vit, [0, 1]))(images())
+        x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images())))
+        assert torch.equal(partial, vit.blocks[1](vit.blocks[0](x)))
+
+
+def test_one_off_speed_times_the_work_and_its_floor_and_only_where_there_is_one() -> None:
+    from petlbench.core.method import BackboneSpec
+    from petlbench.profiling.one_off_speed import one_off_speed
+    from petlbench.profiling.profile import build_real, make_method
+
+    speeds = {}
+    for key in ("fpt_plus", "lora"):
+        model, _, _ = build_real(make_method(key), BackboneSpec("test_vit"), 64, 2, 3, torch.device("cpu"))
+        speeds[key] = one_off_speed(model, 2, steps=2, warmup=1)
+    fpt = speeds["fpt_plus"]
+    assert speeds["lora"] is None and fpt is not None
+    assert (fpt["one_off_floor"], fpt["one_off_batch_size"], fpt["one_off_res"]) == ("BareForward", 2, 64)
+    ratio = fpt["one_off_images_per_s"] / fpt["one_off_floor_images_per_s"]
+    assert fpt["one_off_vs_floor"] == pytest.approx(ratio) and fpt["one_off_vs_floor"] > 0

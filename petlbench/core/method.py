@@ -89,12 +89,15 @@ class OneOffWork:
     """Frozen work a model does once per image before training (FPT's preloading pass), profiled on its own.
 
     `module(batch[view])` is that work for a batch of `size` x `size` images; its FLOPs are reported per image
-    apart from the training step's.
+    apart from the training step's. `floor(batch[view])`, where given, is the plain computation the work cannot be
+    faster than (FPT: the frozen ViT's fused forward through the same blocks, without scoring or gathering); the
+    bench reports the work's speed as a fraction of it.
     """
 
     module: nn.Module
     view: str
     size: int
+    floor: nn.Module | None = None
 
 
 class PetlModel(nn.Module):

@@ -63,7 +63,7 @@ from petlbench.fpt.cache import (
     module_digest,
     samples_fingerprint,
 )
-from petlbench.fpt.lpm import INDICES, FrozenLPM
+from petlbench.fpt.lpm import INDICES, BareForward, FrozenLPM
 from petlbench.fpt.side_network import (
     FinePromptFusion,
     MLPFusion,
@@ -258,7 +258,7 @@ class SideTuningModel(PetlModel):
         """The LPM's feature-extraction pass over every image, when features are preloaded."""
         if self.lpm is None or not self.preloaded:
             return None
-        return OneOffWork(self.lpm, self.lpm_view, self.res)
+        return OneOffWork(self.lpm, self.lpm_view, self.res, floor=BareForward(self.lpm))
 
     def _with_features(self, dataset: Any, store: FeatureStore) -> PreloadedDataset:
         side_only = dataset.with_views({self.side_view: dataset.views[self.side_view]})

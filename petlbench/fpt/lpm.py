@@ -290,3 +290,21 @@ class FrozenLPM(nn.Module):
             for name, tensor in outputs.items():
                 per_layer.setdefault(name, []).append(tensor)
         return {name: torch.stack(tensors, dim=1) for name, tensors in per_layer.items()}
+
+
+class BareForward(nn.Module):
+    """The LPM's frozen ViT through the blocks the LPM runs, on timm's own fused blocks, and nothing else: the
+    floor of the preload pass (same embedding and blocks, no token scores, no gathering)."""
+
+    def __init__(self, lpm: FrozenLPM) -> None:
+        super().__init__()
+        self.lpm = lpm
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The hidden states after the last block the LPM feeds from."""
+        vit = self.lpm.vit
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        for block in vit.blocks[: self.lpm.layers[-1] + 1]:
+            x = block(x)
+        return x

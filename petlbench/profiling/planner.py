@@ -969,7 +969,9 @@ def size_planner(gpu_mem: str | int | None) -> SizePlanner:
                 f"{'--batch-size' if res is None else '--res'} or give a larger --gpu-mem"
             )
         unit = " px" if res is None else ""
-        past = "the search limit" if axis.capped else f"{axis.value + axis.step}{unit} needs {_fmt(axis.next_mem_mb, 1)}"
+        past = (
+            "the search limit" if axis.capped else f"{axis.value + axis.step}{unit} needs {_fmt(axis.next_mem_mb, 1)}"
+        )
         how = (
             f"{'--res' if res is None else '--batch-size'} auto = {axis.value}{unit}, the largest that fits {where} "
             f"at {'batch size' if res is None else 'resolution'} {axis.fixed}{'' if res is None else ' px'}: "

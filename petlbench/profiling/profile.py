@@ -508,6 +508,7 @@ def _bench_rows(
 ) -> list[dict[str, Any]]:
     from petlbench.engine.step import train_step
     from petlbench.profiling.memory_cuda import cpu_profiler_peak
+    from petlbench.profiling.one_off_speed import one_off_speed
     from petlbench.profiling.timing import measure_steps as _measure
 
     rows = []
@@ -526,6 +527,7 @@ def _bench_rows(
         row["step_seconds"] = timing["step_seconds"]
         measured = cpu_profiler_peak(functools.partial(train_step, model, batch, optimizer, global_step=99))
         row["measured_cpu_step_increase_mb"] = measured["peak_bytes"] / MIB
+        row.update(one_off_speed(model, batch_size, steps=steps, warmup=warmup) or {})
         row["bench_seconds"] = time.perf_counter() - started
         if log is not None:
             log(f"{key}: {row['bench_seconds']:.1f}s")
@@ -584,6 +586,23 @@ def bench_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"- {r['name']}: {_fmt(r['preload_gflops_per_image'], 3)} GFLOPs per image "
                 f"(without preloading a step costs {_fmt(r.get('train_step_gflops_no_preload'), 3)})."
+            )
+    speed = [r for r in report["rows"] if r.get("one_off_vs_floor") is not None]
+    if speed:
+        lines += [
+            "",
+            "Preload / bare forward: images/s of the one-off preload pass (LPM forward, token scores, gathering) over "
+            "images/s of the same frozen ViT's plain fused forward through the same blocks, on the same images, "
+            "timed alternately (medians; 1.00 = preloading costs no more than the bare forward):",
+            "",
+            "| Method | Batch | Res | Preload img/s | Bare forward img/s | Preload / bare forward |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in speed:
+            lines.append(
+                f"| {r['name']} | {r['one_off_batch_size']} | {r['one_off_res']} "
+                f"| {_fmt(r['one_off_images_per_s'], 2)} | {_fmt(r['one_off_floor_images_per_s'], 2)} "
+                f"| {_fmt(r['one_off_vs_floor'], 3)} |"
             )
     return "\n".join(lines) + "\n"
 
