@@ -46,6 +46,12 @@ def plain_log(target: Console) -> Callable[[str], None]:
     return log
 
 
+def progress_log() -> Callable[[str], None]:
+    """Where long commands report each finished piece of work as one plain line: stderr, so that stdout keeps
+    only the result (a table, or JSON for --json) and a redirected log shows the work while it goes on."""
+    return plain_log(err_console)
+
+
 def fail(message: str) -> NoReturn:
     """Print an error and exit with status 2."""
     # soft_wrap: file paths in the message must stay whole (greppable, copyable); no markup in user text

@@ -50,7 +50,7 @@ def plan(
 ) -> None:
     """Largest resolution (at --batch-size) and batch size (at --res) per method that fit --gpu-mem (no GPU
     needed): exact estimates, found through a fitted memory model and confirmed one step past the answer."""
-    from petlbench.cli.common import check_attention, console, err_console, fail, user_errors
+    from petlbench.cli.common import check_attention, console, err_console, fail, progress_log, user_errors
     from petlbench.core.method import BackboneSpec
     from petlbench.core.options import parse_opt_flags
     from petlbench.profiling.planner import plan_markdown, plan_methods
@@ -82,6 +82,7 @@ def plan(
             max_batch=max_batch,
             reference_dir=reference,
             jobs=workers,
+            log=progress_log(),
         )
     except errors as err:
         fail(str(err))

@@ -67,7 +67,7 @@ def profile(
 ) -> None:
     """Parameters, FLOPs (attention counted), estimated peak training memory and, with --measure, measured
     memory, throughput and power of each method."""
-    from petlbench.cli.common import check_attention, console, fail, user_errors
+    from petlbench.cli.common import check_attention, console, fail, progress_log, user_errors
     from petlbench.profiling import FLOPS_UNIT, profile_methods
 
     if batch_size < 1 or res < 1:
@@ -86,6 +86,7 @@ def profile(
             device=device,
             attention=attention,
             options=options,
+            log=progress_log(),
         )
     except user_errors() as err:
         fail(str(err))
@@ -150,7 +151,7 @@ def memory(
     preset: Annotated[str | None, typer.Option(help=PRESET_HELP)] = None,
 ) -> None:
     """Estimated peak training memory of each method at each resolution (no GPU needed)."""
-    from petlbench.cli.common import check_attention, console, fail, user_errors
+    from petlbench.cli.common import check_attention, console, fail, progress_log, user_errors
     from petlbench.profiling import memory_sweep, parse_mem
 
     try:
@@ -176,6 +177,7 @@ def memory(
             num_classes=num_classes,
             attention=attention,
             options=options,
+            log=progress_log(),
         )
     except user_errors() as err:
         fail(str(err))
@@ -185,7 +187,7 @@ def memory(
     from rich.table import Table
 
     table = Table(
-        title=f"Estimated peak training memory (MiB): {backbone}, batch {batch_size} "
+        title=f"Estimated peak training memory (MiB): {spec.name}, batch {batch_size} "
         f"({time.perf_counter() - started:.1f}s)"
     )
     table.add_column("Method")

@@ -83,7 +83,7 @@ def plot_memory(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("reports"),
 ) -> None:
     """Figure 2 from the memory estimator: training memory against resolution per method (no GPU needed)."""
-    from petlbench.cli.common import console, fail, user_errors
+    from petlbench.cli.common import console, fail, progress_log, user_errors
     from petlbench.core.method import parse_method_keys
     from petlbench.reports.build import memory_estimate_figure, parse_gpu_mem
 
@@ -104,7 +104,7 @@ def plot_memory(
     started = time.perf_counter()
     try:
         keys = parse_method_keys(methods)
-        paths = memory_estimate_figure(keys, backbone, resolutions, batch_size, gpu_mem, out)
+        paths = memory_estimate_figure(keys, backbone, resolutions, batch_size, gpu_mem, out, log=progress_log())
     except user_errors() as err:
         fail(str(err))
     console.print(

@@ -588,9 +588,11 @@ def memory_estimate_figure(
     gpu_mem: str | int = DEFAULT_GPU_MEM,
     out_dir: str | Path = "reports",
     rows: Sequence[dict[str, Any]] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Figure 2 from the memory estimator alone (no GPU, no runs): PNG, PDF, the rows as CSV, and a JSON
-    sidecar the report's index uses. `rows` (method, res, est_peak_mem_mb, exceeds_budget) skips the estimator.
+    sidecar the report's index uses. `rows` (method, res, est_peak_mem_mb, exceeds_budget) skips the estimator;
+    `log` gets a line per estimate.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -600,7 +602,7 @@ def memory_estimate_figure(
         from petlbench.profiling import memory_sweep
 
         rows = memory_sweep(
-            list(method_keys), BackboneSpec(backbone), list(resolutions), batch_size, gpu_mem_bytes=gpu_bytes
+            list(method_keys), BackboneSpec(backbone), list(resolutions), batch_size, gpu_mem_bytes=gpu_bytes, log=log
         )
     labels = {}
     for key in {r["method"] for r in rows}:
