@@ -685,3 +685,29 @@ def test_cli_bench_writes_reports(tmp_path) -> None:  # noqa: ANN001
     for row in rows.values():
         assert 0 <= row["measured_cpu_step_increase_mb"] - row["est_cpu_step_increase_mb"] < 1.5
     assert f"| {CASES['full_ft'].name} |" in md.read_text()
+
+
+@pytest.mark.parametrize("key", ["full_ft", "lora", "fpt_plus"])
+@pytest.mark.parametrize("target", ["cuda", "cpu"])
+def test_optimizer_priming_on_meta_tensors_equals_priming_on_fake_tensors(key: str, target: str) -> None:
+    """The estimator primes AdamW on meta-device stand-ins (fast); FakeTensorMode stand-ins give the same transient
+    bytes, state tensors and allocation events."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from petlbench.engine.step import make_optimizer
+    from petlbench.profiling import memory_estimate
+    from petlbench.profiling.models import build_meta, make_context
+    from petlbench.profiling.profile import make_method
+
+    model, _ = build_meta(make_method(key), make_context(BackboneSpec("test_vit"), 64, 3, "auto"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for stand_ins in (lambda: torch.device("meta"), FakeTensorMode):
+        memory_estimate._PRIME_MEMO.clear()
+        for foreach in (True, False):
+            increase, states, log = memory_estimate._prime_on_fakes(
+                params, make_optimizer, foreach, target, 512 if target == "cuda" else 1, stand_ins
+            )
+            results.append((increase, states, log.step_events))
+    memory_estimate._PRIME_MEMO.clear()
+    assert results[:2] == results[2:] and results[0][2]
