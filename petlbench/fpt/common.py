@@ -483,13 +483,20 @@ class SideTuningMethod(Method):
 
         def produce():  # runs the LPM only when the cache must be (re)built
             dataset = ViewDataset(unique, {LPM_VIEW: View(res, augment=False)}, train=False, mean=mean, std=std)
-            loader = DataLoader(dataset, batch_size=o.preload_batch_size, shuffle=False, num_workers=o.preload_workers)
+            # decoding in worker processes and, on CUDA, pinned pages copied asynchronously keep the LPM busy
+            loader = DataLoader(
+                dataset,
+                batch_size=o.preload_batch_size,
+                shuffle=False,
+                num_workers=o.preload_workers,
+                pin_memory=device.type == "cuda",
+            )
             home = next(lpm.parameters()).device
             lpm.to(device)
             try:
                 for batch in loader:
                     flush_denormals()  # (a generator resumes on whatever thread iterates it)
-                    features = lpm(batch[LPM_VIEW].to(device))
+                    features = lpm(batch[LPM_VIEW].to(device, non_blocking=True))
                     ids = [unique[i].sample_id for i in batch["index"].tolist()]
                     yield ids, {name: t.cpu().numpy() for name, t in features.items()}
             finally:
