@@ -231,3 +231,28 @@ def test_redirected_log_shows_each_epoch_while_the_run_goes_on(tmp_path: Path) -
     assert proc.returncode == 0, text
     assert text.count(" · epoch ") == 12 and "val AUC" in text and "lr " in text
     assert "━" in text and "Linear probing" in text  # the summary table, full width
+
+
+@pytest.mark.parametrize(
+    ("backbone", "message"),
+    [
+        ("vit_bas_patch16_224", "unknown timm model 'vit_bas_patch16_224'. Did you mean vit_base_patch16_224,"),
+        (
+            "vit_bas_patch16_224.augreg_in21k",
+            "unknown timm model 'vit_bas_patch16_224.augreg_in21k'. Did you mean vit_base_patch16_224.augreg_in21k,",
+        ),
+        ("qwertyuiop", "unknown timm model 'qwertyuiop'. No similar name. timm.list_models('vit_*')"),
+        ("vit_base_patch16_224.augreg_in2k", "has no pretrained tag 'augreg_in2k'. Did you mean augreg_in21k,"),
+    ],
+)
+def test_backbone_name_typos_suggest_timm_names(backbone: str, message: str) -> None:
+    result = invoke("params", "--backbone", backbone, "--methods", "lora", "--res", "224")
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_backbone_names_with_a_known_pretrained_tag_pass_the_check() -> None:
+    from petlbench.backbones.vit import check_model_name
+
+    check_model_name("vit_base_patch16_224.augreg_in21k")
+    check_model_name("vit_base_patch16_224")
