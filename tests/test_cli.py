@@ -256,3 +256,22 @@ def test_backbone_names_with_a_known_pretrained_tag_pass_the_check() -> None:
 
     check_model_name("vit_base_patch16_224.augreg_in21k")
     check_model_name("vit_base_patch16_224")
+
+
+def test_every_option_and_argument_of_every_command_has_help() -> None:
+    """Walks the click command tree behind the Typer app: groups, their commands and sub-groups, recursively."""
+    import typer
+
+    def missing(command: object, path: str) -> list[str]:
+        found = [
+            f"{path} {'/'.join(param.opts)}"
+            for param in getattr(command, "params", [])
+            if param.name != "help" and not (getattr(param, "help", None) or "").strip()
+        ]
+        for name, sub in (getattr(command, "commands", None) or {}).items():
+            found += missing(sub, f"{path} {name}")
+        return found
+
+    root = typer.main.get_command(app)
+    assert {"run", "datasets", "plot", "sweep"} <= set(getattr(root, "commands", {}))  # the walk sees the tree
+    assert missing(root, "petlbench") == []

@@ -11,6 +11,13 @@ from rich.console import Console
 if TYPE_CHECKING:
     from petlbench.core.config import Amp, Attention
 
+# Help texts of the options several commands share, worded once.
+OPT_HELP = "Method option METHOD.KEY=VALUE (repeatable)."
+DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+PRETRAINED_HELP = "Load timm's hub weights for the backbone."
+WEIGHTS_HELP = "Local .safetensors / PyTorch checkpoint for the backbone."
+JSON_HELP = "Machine-readable output."
+
 # Redirected output (a SLURM log, CI) gets no live views, and lines and tables are never cut at 80 columns.
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)

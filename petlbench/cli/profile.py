@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
+from petlbench.cli.common import JSON_HELP, OPT_HELP
+
 ATTENTION_HELP = "Attention implementation: auto (as the model is built), fused (SDPA) or explicit (softmax map)."
 
 
@@ -58,11 +60,11 @@ def profile(
     res: Annotated[int, typer.Option(help="Input resolution (px).")] = 512,
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 16,
     measure: Annotated[bool, typer.Option("--measure", help="Also time a few real training steps here.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     num_classes: Annotated[int, typer.Option(help="Number of classes of the head.")] = 5,
     attention: Annotated[str, typer.Option(help=ATTENTION_HELP)] = "auto",
     device: Annotated[str, typer.Option(help="Device for --measure: auto, cpu, cuda, cuda:1.")] = "auto",
-    opt: Annotated[list[str] | None, typer.Option("--opt", help="Method option METHOD.KEY=VALUE (repeatable).")] = None,
+    opt: Annotated[list[str] | None, typer.Option("--opt", help=OPT_HELP)] = None,
     preset: Annotated[str | None, typer.Option(help=PRESET_HELP)] = None,
 ) -> None:
     """Parameters, FLOPs (attention counted), estimated peak training memory and, with --measure, measured
@@ -143,10 +145,10 @@ def memory(
     res: Annotated[str, typer.Option(help="Comma-separated resolutions.")] = "128,256,384,512,640,1024,2048",
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 16,
     gpu_mem: Annotated[str | None, typer.Option(help="GPU memory budget, e.g. 48GB (GB = GiB).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     num_classes: Annotated[int, typer.Option(help="Number of classes of the head.")] = 5,
     attention: Annotated[str, typer.Option(help=ATTENTION_HELP)] = "auto",
-    opt: Annotated[list[str] | None, typer.Option("--opt", help="Method option METHOD.KEY=VALUE (repeatable).")] = None,
+    opt: Annotated[list[str] | None, typer.Option("--opt", help=OPT_HELP)] = None,
     preset: Annotated[str | None, typer.Option(help=PRESET_HELP)] = None,
 ) -> None:
     """Estimated peak training memory of each method at each resolution (no GPU needed)."""
@@ -223,7 +225,7 @@ def bench(
     warmup: Annotated[int, typer.Option(help="Warm-up steps per method (not timed).")] = 1,
     out: Annotated[Path, typer.Option(help="Markdown report.")] = Path("reports/bench.md"),
     json_out: Annotated[Path, typer.Option("--json-out", help="JSON rows.")] = Path("results/bench.json"),
-    opt: Annotated[list[str] | None, typer.Option("--opt", help="Method option METHOD.KEY=VALUE (repeatable).")] = None,
+    opt: Annotated[list[str] | None, typer.Option("--opt", help=OPT_HELP)] = None,
 ) -> None:
     """Efficiency of every method relative to full fine-tuning, measured on this machine's CPU."""
     from petlbench.cli.common import console, fail, user_errors

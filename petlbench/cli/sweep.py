@@ -9,6 +9,8 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from petlbench.cli.common import DEVICE_HELP
+
 EXECUTORS = ("local", "ray")
 
 
@@ -127,7 +129,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         epochs: Annotated[int | None, typer.Option(help="Epochs per run.")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
-        device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+        device: Annotated[str | None, typer.Option(help=DEVICE_HELP)] = None,
         amp: Annotated[str | None, typer.Option(help="none or bf16.")] = None,
         attention: Annotated[str | None, typer.Option(help="auto, fused or explicit.")] = None,
         workers: Annotated[int | None, typer.Option(help="Data-loading worker processes per run.")] = None,
