@@ -275,3 +275,49 @@ def test_every_option_and_argument_of_every_command_has_help() -> None:
     root = typer.main.get_command(app)
     assert {"run", "datasets", "plot", "sweep"} <= set(getattr(root, "commands", {}))  # the walk sees the tree
     assert missing(root, "petlbench") == []
+
+
+@pytest.mark.slow
+def test_log_to_tensorboard_writes_the_stored_history_as_scalars(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from petlbench.reports.tracker import scalar_tag
+
+    tiny = ["--backbone", "test_vit", "--res", "32", "--epochs", "2", "--batch-size", "4"]
+    result = invoke("run", "--methods", "linear_probe", "--results", str(tmp_path), "--log-to", "tensorboard", *tiny)
+    assert result.exit_code == 0, result.output
+    (row,) = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    history = json.loads((tmp_path / row["run_id"] / "result.json").read_text())["history"]
+    (folder,) = (tmp_path / row["run_id"] / "tensorboard").iterdir()  # one attempt, one event folder
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    fields = [k for k, v in history[0].items() if k != "epoch" and isinstance(v, (int, float))]
+    assert {"train_loss", "val_auc", "lr", "epoch_train_seconds"} <= set(fields)
+    assert sorted(events.Tags()["scalars"]) == sorted(scalar_tag(k) for k in fields)
+    for key in fields:
+        scalars = events.Scalars(scalar_tag(key))
+        assert [s.step for s in scalars] == [h["epoch"] for h in history] == [1, 2]
+        assert [s.value for s in scalars] == pytest.approx([h[key] for h in history], rel=1e-6)
+    assert "config/text_summary" in events.Tags()["tensors"]
+
+
+@pytest.mark.parametrize(
+    ("log_to", "blocked", "message"),
+    [
+        ("mlflow", False, "--log-to 'mlflow': use tensorboard"),
+        ("tensorboard", True, "--log-to tensorboard needs the tensorboard package"),
+    ],
+)
+def test_log_to_errors_exit_2_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_to: str, blocked: bool, message: str
+) -> None:
+    import sys
+
+    if blocked:  # as if tensorboard were not installed
+        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    results = tmp_path / "results"
+    result = invoke("run", "--methods", "lora", "--results", str(results), "--log-to", log_to, *TINY)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "pip install 'petlbench[tracking]'" in result.output or not blocked
+    assert not results.exists()

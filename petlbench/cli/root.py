@@ -17,11 +17,13 @@ from rich.table import Table
 from petlbench.cli.common import (
     DEVICE_HELP,
     JSON_HELP,
+    LOG_TO_HELP,
     OPT_HELP,
     PRETRAINED_HELP,
     WEIGHTS_HELP,
     check_amp,
     check_attention,
+    check_log_to,
     console,
     err_console,
     fail,
@@ -118,6 +120,7 @@ def run(
     ] = False,
     report: Annotated[bool, typer.Option(help="Refresh the report (reports/) at the end.")] = False,
     reports_dir: Annotated[Path, typer.Option("--reports", help="Report folder for --report.")] = Path("reports"),
+    log_to: Annotated[str | None, typer.Option(help=LOG_TO_HELP)] = None,
 ) -> None:
     """Train and evaluate methods on one dataset with the papers' protocol; store and summarise results."""
     from petlbench.core.results import FAILED, OOM, ResultStore
@@ -132,6 +135,7 @@ def run(
         fail(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2")
     amp_mode = check_amp(amp)
     attention_kernel = check_attention(attention)
+    trackers = check_log_to(log_to)
     request = RunRequest(
         methods=methods,
         dataset=dataset,
@@ -175,7 +179,7 @@ def run(
     store = ResultStore(results, log=plain_log(err_console))
 
     def callbacks() -> RunCallback:
-        return Callbacks([run_callbacks(), EpochLog(plain_log(console))])
+        return Callbacks([run_callbacks(log_to=trackers), EpochLog(plain_log(console))])
 
     if console.is_terminal:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
