@@ -1,7 +1,7 @@
 # Quick start: `make demo` (set up, then run every method on the embedded default) and `make test`.
 # Installs come from the hash-checked locks (requirements.lock: what `petlbench` needs; requirements-dev.lock: that
-# plus the test, lint and Ray extras), then the project itself without dependency resolution. `make lock` regenerates
-# both locks (see README, "Development").
+# plus the test, lint, Ray and tracking extras), then the project itself without dependency resolution. `make lock`
+# regenerates both locks (see README, "Development").
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -58,7 +58,7 @@ bench: $(RUN_STAMP)
 lock:
 	test -x $(LOCK_VENV)/bin/pip-compile || ($(PYTHON) -m venv $(LOCK_VENV) && \
 		$(LOCK_VENV)/bin/pip install --quiet $(PIP_TOOLS))
-	$(COMPILE) --extra dev --extra ray -o requirements-dev.lock pyproject.toml
+	$(COMPILE) --extra dev --extra ray --extra tracking -o requirements-dev.lock pyproject.toml
 	$(COMPILE) -c requirements-dev.lock -o requirements.lock pyproject.toml
 
 # GPU reference checks (`petlbench validate`, see petlbench/profiling/validate.py). GPU machines lend a few minutes,

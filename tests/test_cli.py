@@ -256,3 +256,93 @@ def test_long_estimates_report_each_piece_of_work_on_stderr_and_keep_stdout_for_
         "fpt_plus @ 32px",
         "fpt_plus @ 64px",
     ]
+
+
+@pytest.mark.parametrize(
+    ("backbone", "message"),
+    [
+        ("vit_bas_patch16_224", "unknown timm model 'vit_bas_patch16_224'. Did you mean vit_base_patch16_224,"),
+        (
+            "vit_bas_patch16_224.augreg_in21k",
+            "unknown timm model 'vit_bas_patch16_224.augreg_in21k'. Did you mean vit_base_patch16_224.augreg_in21k,",
+        ),
+        ("qwertyuiop", "unknown timm model 'qwertyuiop'. No similar name. timm.list_models('vit_*')"),
+        ("vit_base_patch16_224.augreg_in2k", "has no pretrained tag 'augreg_in2k'. Did you mean augreg_in21k,"),
+    ],
+)
+def test_backbone_name_typos_suggest_timm_names(backbone: str, message: str) -> None:
+    result = invoke("params", "--backbone", backbone, "--methods", "lora", "--res", "224")
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_backbone_names_with_a_known_pretrained_tag_pass_the_check() -> None:
+    from petlbench.backbones.vit import check_model_name
+
+    check_model_name("vit_base_patch16_224.augreg_in21k")
+    check_model_name("vit_base_patch16_224")
+
+
+def test_every_option_and_argument_of_every_command_has_help() -> None:
+    """Walks the click command tree behind the Typer app: groups, their commands and sub-groups, recursively."""
+    import typer
+
+    def missing(command: object, path: str) -> list[str]:
+        found = [
+            f"{path} {'/'.join(param.opts)}"
+            for param in getattr(command, "params", [])
+            if param.name != "help" and not (getattr(param, "help", None) or "").strip()
+        ]
+        for name, sub in (getattr(command, "commands", None) or {}).items():
+            found += missing(sub, f"{path} {name}")
+        return found
+
+    root = typer.main.get_command(app)
+    assert {"run", "datasets", "plot", "sweep"} <= set(getattr(root, "commands", {}))  # the walk sees the tree
+    assert missing(root, "petlbench") == []
+
+
+@pytest.mark.slow
+def test_log_to_tensorboard_writes_the_stored_history_as_scalars(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from petlbench.reports.tracker import scalar_tag
+
+    tiny = ["--backbone", "test_vit", "--res", "32", "--epochs", "2", "--batch-size", "4"]
+    result = invoke("run", "--methods", "linear_probe", "--results", str(tmp_path), "--log-to", "tensorboard", *tiny)
+    assert result.exit_code == 0, result.output
+    (row,) = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    history = json.loads((tmp_path / row["run_id"] / "result.json").read_text())["history"]
+    (folder,) = (tmp_path / row["run_id"] / "tensorboard").iterdir()  # one attempt, one event folder
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    fields = [k for k, v in history[0].items() if k != "epoch" and isinstance(v, (int, float))]
+    assert {"train_loss", "val_auc", "lr", "epoch_train_seconds"} <= set(fields)
+    assert sorted(events.Tags()["scalars"]) == sorted(scalar_tag(k) for k in fields)
+    for key in fields:
+        scalars = events.Scalars(scalar_tag(key))
+        assert [s.step for s in scalars] == [h["epoch"] for h in history] == [1, 2]
+        assert [s.value for s in scalars] == pytest.approx([h[key] for h in history], rel=1e-6)
+    assert "config/text_summary" in events.Tags()["tensors"]
+
+
+@pytest.mark.parametrize(
+    ("log_to", "blocked", "message"),
+    [
+        ("mlflow", False, "--log-to 'mlflow': use tensorboard"),
+        ("tensorboard", True, "--log-to tensorboard needs the tensorboard package"),
+    ],
+)
+def test_log_to_errors_exit_2_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_to: str, blocked: bool, message: str
+) -> None:
+    import sys
+
+    if blocked:  # as if tensorboard were not installed
+        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    results = tmp_path / "results"
+    result = invoke("run", "--methods", "lora", "--results", str(results), "--log-to", log_to, *TINY)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "pip install 'petlbench[tracking]'" in result.output or not blocked
+    assert not results.exists()

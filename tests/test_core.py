@@ -240,3 +240,32 @@ def test_worker_count_changes_nothing(tmp_path) -> None:
     assert [h["train_loss"] for h in zero["history"]] == [h["train_loss"] for h in two["history"]]
     assert zero["metrics"]["test_auc"] == two["metrics"]["test_auc"]
     assert zero["predictions"] == two["predictions"]
+
+
+def test_filtered_stderr_drops_known_native_noise_and_keeps_the_rest(capfd: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    from petlbench.core.native_output import filtered_stderr
+
+    noise = (
+        "USDT:2026-12-07 14:43:23 6674:6674 SyncActivityProfilerHandler.cpp:39] profiler_start\n"
+        "ERROR:2026-12-07 14:43:23 6674:6674 DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35\n"
+    )
+    with filtered_stderr():
+        os.write(2, noise.encode())
+        os.write(2, b"ERROR: a real failure the user must see\n")
+    assert capfd.readouterr().err == "ERROR: a real failure the user must see\n"
+    with pytest.raises(RuntimeError, match="boom"), filtered_stderr():  # fd 2 comes back on error too
+        os.write(2, b"written before the error\n")
+        raise RuntimeError("boom")
+    os.write(2, b"after the block\n")
+    assert capfd.readouterr().err == "written before the error\nafter the block\n"
+
+
+def test_torch_profiler_leaves_nothing_on_stderr(capfd: pytest.CaptureFixture[str]) -> None:
+    from petlbench.profiling.memory_cuda import cpu_profiler_peak
+
+    capfd.readouterr()
+    peak = cpu_profiler_peak(lambda: torch.ones(1000) + 1)
+    assert peak["peak_bytes"] >= 4000
+    assert capfd.readouterr().err == ""

@@ -654,7 +654,7 @@ def test_cli_profile_and_memory_json() -> None:
 def test_cli_bench_writes_reports(tmp_path) -> None:  # noqa: ANN001
     from typer.testing import CliRunner
 
-    md, js = tmp_path / "bench.md", tmp_path / "bench.json"
+    md, js = tmp_path / "out" / "bench.md", tmp_path / "out" / "bench.json"
     result = CliRunner().invoke(
         _app(),
         [
@@ -670,12 +670,11 @@ def test_cli_bench_writes_reports(tmp_path) -> None:  # noqa: ANN001
             "--steps",
             "2",
             "--out",
-            str(md),
-            "--json-out",
-            str(js),
+            str(tmp_path / "out"),
         ],
     )
     assert result.exit_code == 0, result.output
+    assert f"bench written: {md}, {js}" in result.output
     report = json.loads(js.read_text())
     rows = {r["method"]: r for r in report["rows"]}
     assert rows["full_ft"]["ratio_est_peak_mem"] == 1.0
@@ -685,6 +684,18 @@ def test_cli_bench_writes_reports(tmp_path) -> None:  # noqa: ANN001
     for row in rows.values():
         assert 0 <= row["measured_cpu_step_increase_mb"] - row["est_cpu_step_increase_mb"] < 1.5
     assert f"| {CASES['full_ft'].name} |" in md.read_text()
+    table = next(line for line in result.output.splitlines() if line.startswith("| Method |"))
+    assert table.endswith("| img/s | × |")  # echoed as written: one line, not wrapped at the terminal's width
+
+
+def test_cli_bench_refuses_an_unusable_output_folder_before_any_work(tmp_path) -> None:  # noqa: ANN001
+    from typer.testing import CliRunner
+
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    result = CliRunner().invoke(_app(), ["bench", "--methods", "lora", "--out", str(taken)])
+    assert result.exit_code == 2
+    assert f"output folder {taken} is not a directory: choose another with --out" in result.output
 
 
 @pytest.mark.parametrize("key", ["full_ft", "lora", "fpt_plus"])

@@ -54,6 +54,7 @@ def invoke(*args: str) -> Any:
         ({"resolutions": [30]}, "key 'backbones[0]': resolution 30 is not divisible by the patch size 16"),
         ({"amp": "fp16"}, "key 'amp': 'fp16' is not one of none, bf16"),
         ({"epochs": 0}, "key 'epochs': must be >= 1"),
+        ({"log_to": ["mlflow"]}, "key 'log_to[0]': 'mlflow' is not one of tensorboard"),
     ],
 )
 def test_spec_errors_name_file_key_and_problem(patch: dict[str, Any], message: str) -> None:
@@ -286,6 +287,20 @@ def test_flags_alone_make_a_sweep(tiny_data: Path, tmp_path: Path) -> None:
     assert "lora[r=8]" in result.output
     bad = invoke("sweep", "--methods", "lora", "--opt", "lora.rank=4", "--dry-run")
     assert bad.exit_code == 2 and "method_options.lora.rank': unknown key" in bad.output
+
+
+@pytest.mark.slow
+def test_sweep_runs_feed_the_tracker_named_by_log_to(tiny_data: Path, tmp_path: Path) -> None:
+    """Sweep workers train through the same callbacks as `petlbench run`, trackers included."""
+    results = tmp_path / "r"
+    args = ["--methods", "linear_probe", "--datasets", str(tiny_data), "--backbones", "test_vit", "--res", "32"]
+    args += ["--seeds", "0", "--lr", "1e-3", "--epochs", "1", "--no-profile", "--results", str(results)]
+    result = invoke("sweep", *args, "--log-to", "tensorboard")
+    assert result.exit_code == 0, result.output
+    (record,) = ResultStore(results).records()
+    assert record["status"] == FINISHED
+    (folder,) = (results / record["run_id"] / "tensorboard").iterdir()
+    assert list(folder.glob("events.out.tfevents.*"))
 
 
 def test_failed_runs_are_recorded_with_reasons_and_block_their_finals(tiny_data: Path, tmp_path: Path) -> None:

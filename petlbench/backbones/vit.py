@@ -13,9 +13,11 @@ from torch import nn
 
 from petlbench.backbones.position import POS_INTERP_CHOICES, use_official_pos_interp
 from petlbench.core.method import BackboneSpec
+from petlbench.core.registry import did_you_mean
 
 # The embedded default for machines without data or GPU: timm's tiny registered ViT (patch 16, width 64).
 TINY_BACKBONE = "test_vit"
+LIST_MODELS_HINT = "timm.list_models('vit_*') lists timm's ViTs, timm.list_pretrained('vit_*') their pretrained tags."
 
 
 class BackboneError(ValueError):
@@ -47,10 +49,25 @@ def check_resolution(name: str, res: int) -> None:
         )
 
 
+def check_model_name(name: str) -> None:
+    """Raise BackboneError naming timm's closest names unless timm has the model `name`, pretrained tag included."""
+    base, _, tag = name.partition(".")
+    if not timm.is_model(base):
+        # a tagged name is matched against tagged names, so the suggestion keeps the user's tag where timm has it
+        hint = did_you_mean(name, timm.list_pretrained()) if tag else ""
+        hint = hint or did_you_mean(base, timm.list_models())
+        raise BackboneError(f"unknown timm model {name!r}.{hint or ' No similar name.'} {LIST_MODELS_HINT}")
+    if tag:
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{base}.*")]
+        if tag not in tags:
+            raise BackboneError(
+                f"timm model {base} has no pretrained tag {tag!r}.{did_you_mean(tag, tags)} Its tags: "
+                f"{', '.join(tags) or 'none'}"
+            )
+
+
 def _create(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
-    if not timm.is_model(name.split(".")[0]):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise BackboneError(f"unknown timm model {name!r}; similar: {', '.join(close) or 'none'}")
+    check_model_name(name)
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 

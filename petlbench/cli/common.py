@@ -11,6 +11,17 @@ from rich.console import Console
 if TYPE_CHECKING:
     from petlbench.core.config import Amp, Attention
 
+# Help texts of the options several commands share, worded once.
+OPT_HELP = "Method option METHOD.KEY=VALUE (repeatable)."
+DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+PRETRAINED_HELP = "Load timm's hub weights for the backbone."
+WEIGHTS_HELP = "Local .safetensors / PyTorch checkpoint for the backbone."
+JSON_HELP = "Machine-readable output."
+LOG_TO_HELP = (
+    "Experiment tracker fed each epoch's history (off by default): tensorboard, written to "
+    "RESULTS/<run id>/tensorboard/; needs pip install 'petlbench[tracking]'."
+)
+
 # Redirected output (a SLURM log, CI) gets no live views, and lines and tables are never cut at 80 columns.
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -89,3 +100,14 @@ def check_amp(amp: str) -> Amp:
     if amp in AMP_CHOICES:
         return amp
     fail(f"--amp {amp!r}: use {' or '.join(AMP_CHOICES)}")
+
+
+def check_log_to(log_to: str | None) -> tuple[str, ...]:
+    """The comma-separated trackers of `--log-to`, known and installed; exits with a clear error otherwise."""
+    from petlbench.reports.tracker import TrackerError, check_trackers
+
+    names = [name.strip() for name in (log_to or "").split(",") if name.strip()]
+    try:
+        return check_trackers(names)
+    except TrackerError as err:
+        fail(str(err))

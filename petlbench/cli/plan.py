@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from petlbench.cli.common import OPT_HELP
+
 ATTENTION_HELP = "Attention implementation: auto (as the model is built), fused (SDPA) or explicit (softmax map)."
 
 
@@ -46,7 +48,7 @@ def plan(
     ),
     num_classes: Annotated[int, typer.Option(help="Number of classes of the head.")] = 5,
     attention: Annotated[str, typer.Option(help=ATTENTION_HELP)] = "auto",
-    opt: Annotated[list[str] | None, typer.Option("--opt", help="Method option METHOD.KEY=VALUE (repeatable).")] = None,
+    opt: Annotated[list[str] | None, typer.Option("--opt", help=OPT_HELP)] = None,
 ) -> None:
     """Largest resolution (at --batch-size) and batch size (at --res) per method that fit --gpu-mem (no GPU
     needed): exact estimates, found through a fitted memory model and confirmed one step past the answer."""

@@ -8,12 +8,14 @@ from typing import Annotated
 
 import typer
 
+from petlbench.cli.common import DEVICE_HELP
+
 
 def predict(
     run_id: Annotated[str, typer.Argument(help="A finished run's id (the folder name under --results).")],
     images: Annotated[list[Path], typer.Argument(help="Image files to classify.")],
     results: Annotated[Path, typer.Option(help="Results folder holding the run.")] = Path("results"),
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object per image instead of a table.")
     ] = False,

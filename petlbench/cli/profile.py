@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
+from petlbench.cli.common import JSON_HELP, OPT_HELP
+
 ATTENTION_HELP = "Attention implementation: auto (as the model is built), fused (SDPA) or explicit (softmax map)."
 
 
@@ -58,11 +60,11 @@ def profile(
     res: Annotated[int, typer.Option(help="Input resolution (px).")] = 512,
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 16,
     measure: Annotated[bool, typer.Option("--measure", help="Also time a few real training steps here.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     num_classes: Annotated[int, typer.Option(help="Number of classes of the head.")] = 5,
     attention: Annotated[str, typer.Option(help=ATTENTION_HELP)] = "auto",
     device: Annotated[str, typer.Option(help="Device for --measure: auto, cpu, cuda, cuda:1.")] = "auto",
-    opt: Annotated[list[str] | None, typer.Option("--opt", help="Method option METHOD.KEY=VALUE (repeatable).")] = None,
+    opt: Annotated[list[str] | None, typer.Option("--opt", help=OPT_HELP)] = None,
     preset: Annotated[str | None, typer.Option(help=PRESET_HELP)] = None,
 ) -> None:
     """Parameters, FLOPs (attention counted), estimated peak training memory and, with --measure, measured
@@ -144,10 +146,10 @@ def memory(
     res: Annotated[str, typer.Option(help="Comma-separated resolutions.")] = "128,256,384,512,640,1024,2048",
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 16,
     gpu_mem: Annotated[str | None, typer.Option(help="GPU memory budget, e.g. 48GB (GB = GiB).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     num_classes: Annotated[int, typer.Option(help="Number of classes of the head.")] = 5,
     attention: Annotated[str, typer.Option(help=ATTENTION_HELP)] = "auto",
-    opt: Annotated[list[str] | None, typer.Option("--opt", help="Method option METHOD.KEY=VALUE (repeatable).")] = None,
+    opt: Annotated[list[str] | None, typer.Option("--opt", help=OPT_HELP)] = None,
     preset: Annotated[str | None, typer.Option(help=PRESET_HELP)] = None,
 ) -> None:
     """Estimated peak training memory of each method at each resolution (no GPU needed)."""
@@ -223,16 +225,21 @@ def bench(
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 8,
     steps: Annotated[int, typer.Option(help="Timed training steps per method.")] = 3,
     warmup: Annotated[int, typer.Option(help="Warm-up steps per method (not timed).")] = 1,
-    out: Annotated[Path, typer.Option(help="Markdown report.")] = Path("reports/bench.md"),
-    json_out: Annotated[Path, typer.Option("--json-out", help="JSON rows.")] = Path("results/bench.json"),
-    opt: Annotated[list[str] | None, typer.Option("--opt", help="Method option METHOD.KEY=VALUE (repeatable).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder (bench.md: the table, bench.json: rows).")] = Path("reports"),
+    opt: Annotated[list[str] | None, typer.Option("--opt", help=OPT_HELP)] = None,
 ) -> None:
     """Efficiency of every method relative to full fine-tuning, measured on this machine's CPU."""
-    from petlbench.cli.common import console, fail, user_errors
+    from petlbench.cli.common import console, fail, plain_log, user_errors
+    from petlbench.core.atomic import FolderError, check_writable_folder
     from petlbench.core.method import BackboneSpec
     from petlbench.core.options import parse_opt_flags
     from petlbench.profiling import run_bench
 
+    try:
+        check_writable_folder(out, "output folder")
+    except FolderError as err:
+        fail(f"{err}: choose another with --out")
+    log = plain_log(console)  # the Markdown as written: never wrapped or cut, whatever the terminal's width
     started = time.perf_counter()
     try:
         report = run_bench(
@@ -242,18 +249,14 @@ def bench(
             batch_size=batch_size,
             steps=steps,
             warmup=warmup,
-            out_md=out,
-            out_json=json_out,
+            out=out,
             options=parse_opt_flags(opt),
-            log=lambda line: console.print(line, markup=False),
+            log=log,
         )
     except user_errors() as err:
         fail(str(err))
-    console.print(Path(report["paths"][0]).read_text(), markup=False)
-    console.print(
-        f"bench written: {report['paths'][0]}, {report['paths'][1]} ({time.perf_counter() - started:.0f}s)",
-        markup=False,
-    )
+    log(Path(report["paths"][0]).read_text())
+    log(f"bench written: {report['paths'][0]}, {report['paths'][1]} ({time.perf_counter() - started:.0f}s)")
 
 
 def register(app: typer.Typer) -> None:

@@ -15,8 +15,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from petlbench.cli.common import (
+    DEVICE_HELP,
+    JSON_HELP,
+    LOG_TO_HELP,
+    OPT_HELP,
+    PRETRAINED_HELP,
+    WEIGHTS_HELP,
     check_amp,
     check_attention,
+    check_log_to,
     console,
     err_console,
     fail,
@@ -80,10 +87,8 @@ def run(
     backbone: Annotated[
         str | None, typer.Option(help="timm ViT name; default vit_base_patch16_224 (tiny ViT on the embedded default).")
     ] = None,
-    pretrained: Annotated[bool, typer.Option(help="Load timm's hub weights for the backbone.")] = False,
-    weights: Annotated[
-        str | None, typer.Option(help="Local .safetensors / PyTorch checkpoint for the backbone.")
-    ] = None,
+    pretrained: Annotated[bool, typer.Option(help=PRETRAINED_HELP)] = False,
+    weights: Annotated[str | None, typer.Option(help=WEIGHTS_HELP)] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (default 20; 3 on the embedded default).")] = None,
     batch_size: Annotated[
         str | None,
@@ -99,8 +104,8 @@ def run(
     lr: Annotated[float | None, typer.Option(help="Base learning rate (default: dataset card's, else 1e-3).")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (default 0.1).")] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated training seeds, e.g. 0,1,2,3,4.")] = "0",
-    opt: Annotated[list[str] | None, typer.Option(help="Method option METHOD.KEY=VALUE (repeatable).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    opt: Annotated[list[str] | None, typer.Option(help=OPT_HELP)] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     amp: Annotated[str, typer.Option(help="none or bf16 (autocast on CUDA, all methods alike).")] = "none",
     attention: Annotated[str, typer.Option(help="Attention kernel: auto, fused or explicit.")] = "auto",
     force: Annotated[bool, typer.Option(help="Redo runs that already finished.")] = False,
@@ -132,6 +137,7 @@ def run(
     ] = False,
     report: Annotated[bool, typer.Option(help="Refresh the report (reports/) at the end.")] = False,
     reports_dir: Annotated[Path, typer.Option("--reports", help="Report folder for --report.")] = Path("reports"),
+    log_to: Annotated[str | None, typer.Option(help=LOG_TO_HELP)] = None,
 ) -> None:
     """Train and evaluate methods on one dataset with the papers' protocol; store and summarise results."""
     from petlbench.core.results import FAILED, OOM, ResultStore
@@ -148,6 +154,7 @@ def run(
     res_value, batch_value = size_flag("--res", res) or 512, size_flag("--batch-size", batch_size)
     amp_mode = check_amp(amp)
     attention_kernel = check_attention(attention)
+    trackers = check_log_to(log_to)
     request = RunRequest(
         methods=methods,
         dataset=dataset,
@@ -192,7 +199,7 @@ def run(
     store = ResultStore(results, log=plain_log(err_console))
 
     def callbacks() -> RunCallback:
-        return Callbacks([run_callbacks(), EpochLog(plain_log(console))])
+        return Callbacks([run_callbacks(log_to=trackers), EpochLog(plain_log(console))])
 
     if console.is_terminal:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -265,7 +272,7 @@ class MethodEntry(TypedDict):
 
 
 @app.command("methods")
-def list_methods(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+def list_methods(as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
     """List the methods with their display names and options (defaults and help)."""
     from petlbench.core.catalog import method_cards
 
@@ -304,7 +311,7 @@ def params(
     res: Annotated[int, typer.Option(help="Input resolution.")] = 512,
     num_classes: Annotated[int, typer.Option(help="Number of classes.")] = 5,
     methods: Annotated[str, typer.Option(help="'all' or comma-separated keys.")] = "all",
-    opt: Annotated[list[str] | None, typer.Option(help="Method option METHOD.KEY=VALUE (repeatable).")] = None,
+    opt: Annotated[list[str] | None, typer.Option(help=OPT_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per method.")] = False,
 ) -> None:
     """Trainable and total parameter counts and their ratio (%) for every method (Table I's Params)."""
@@ -356,7 +363,7 @@ def datasets_synth(
 @datasets_app.command("check")
 def datasets_check(
     path: Annotated[str, typer.Argument(help="Image folder, CSV manifest or dataset card.")],
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """List unreadable/empty files, empty classes, classes missing from a split, and class counts per split."""
     from petlbench.data.check import check_dataset
@@ -379,10 +386,10 @@ def preload(
     results: Annotated[Path, typer.Option(help="Results folder (the cache lives in RESULTS/cache).")] = Path("results"),
     res: Annotated[int, typer.Option(help="LPM input resolution.")] = 512,
     backbone: Annotated[str | None, typer.Option(help="timm ViT name of the LPM.")] = None,
-    pretrained: Annotated[bool, typer.Option()] = False,
-    weights: Annotated[str | None, typer.Option()] = None,
-    opt: Annotated[list[str] | None, typer.Option(help="Method option METHOD.KEY=VALUE (repeatable).")] = None,
-    device: Annotated[str, typer.Option()] = "auto",
+    pretrained: Annotated[bool, typer.Option(help=PRETRAINED_HELP)] = False,
+    weights: Annotated[str | None, typer.Option(help=WEIGHTS_HELP)] = None,
+    opt: Annotated[list[str] | None, typer.Option(help=OPT_HELP)] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
 ) -> None:
     """Run the frozen large model once over every image and cache what FPT/FPT+ fusion modules need."""
     from petlbench.engine.runner import RunRequest, check_results_folder, resolve

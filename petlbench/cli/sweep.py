@@ -9,6 +9,8 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from petlbench.cli.common import DEVICE_HELP, LOG_TO_HELP
+
 EXECUTORS = ("local", "ray")
 
 
@@ -127,20 +129,21 @@ def register(app: typer.Typer) -> None:
         ] = None,
         epochs: Annotated[int | None, typer.Option(help="Epochs per run.")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
-        device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+        device: Annotated[str | None, typer.Option(help=DEVICE_HELP)] = None,
         amp: Annotated[str | None, typer.Option(help="none or bf16.")] = None,
         attention: Annotated[str | None, typer.Option(help="auto, fused or explicit.")] = None,
         workers: Annotated[int | None, typer.Option(help="Data-loading worker processes per run.")] = None,
         profile: Annotated[
             bool | None, typer.Option("--profile/--no-profile", help="Measure efficiency per run.")
         ] = None,
+        log_to: Annotated[str | None, typer.Option(help=LOG_TO_HELP)] = None,
         data_root: Annotated[
             str | None,
             typer.Option(help="Folder holding the card datasets (<root>/<key>/); sets PETLBENCH_DATA_ROOT."),
         ] = None,
     ) -> None:
         """Search lr x weight decay on validation AUC per cell with one seed, then run all seeds at the best point."""
-        from petlbench.cli.common import fail
+        from petlbench.cli.common import check_log_to, fail
         from petlbench.sweep.spec import load_spec
 
         if executor not in EXECUTORS:
@@ -166,6 +169,7 @@ def register(app: typer.Typer) -> None:
                 attention=attention,
                 workers=workers,
                 profile=profile,
+                log_to=log_to,
                 data_root=data_root,
                 max_retries=max_retries,
             )
@@ -181,6 +185,7 @@ def register(app: typer.Typer) -> None:
         if status:
             _status(spec_obj, results_dir)
             return
+        check_log_to(",".join(spec_obj.log_to))  # the spec named known trackers; are they installed here?
         _run(spec_obj, results_dir, executor, ray_address, gpus_per_run, cpus_per_run, force)
 
 

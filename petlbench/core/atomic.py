@@ -39,6 +39,34 @@ def file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
+class FolderError(ValueError):
+    """A folder that cannot take new files (missing and not creatable, not a folder, not writable)."""
+
+
+def check_writable_folder(root: Path, what: str) -> None:
+    """Raise FolderError, calling `root` `what` ("results folder"), unless files can be written there; creates
+    nothing (a missing folder is fine where its first existing ancestor is writable)."""
+    try:
+        if root.exists() and not root.is_dir():
+            raise FolderError(f"{what} {root} is not a directory")
+        probe = root
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+    except OSError as err:
+        raise FolderError(f"{what} {root} cannot be read ({err.strerror or err})") from None
+    if not probe.is_dir():
+        raise FolderError(f"{what} {root} cannot be created: {probe} is not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".petlbench-write-test.", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        if probe == root:
+            raise FolderError(f"{what} {root} is not writable ({reason})") from None
+        raise FolderError(f"{what} {root} cannot be created in {probe} ({reason})") from None
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Replace `path` with `data` so that readers see either the old or the new file, never a torn one."""
     path = Path(path)

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+def did_you_mean(name: str, known: Iterable[str], n: int = 3) -> str:
+    """The hint " Did you mean a, b?" naming the entries of `known` closest to `name`, best first; "" if none is."""
+    close = difflib.get_close_matches(name, list(known), n=n)
+    return f" Did you mean {', '.join(close)}?" if close else ""
 
 
 class RegistryError(KeyError):
@@ -79,6 +85,5 @@ class Registry(Generic[T]):
                 raise RegistryError(f"{target} was imported for {self.kind} {name!r} but registered no such name")
             self._lazy.pop(name, None)
             return self._objects[name]
-        close = difflib.get_close_matches(name, self.names(), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise RegistryError(f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.names())}")
+        known = self.names()
+        raise RegistryError(f"unknown {self.kind} {name!r}.{did_you_mean(name, known)} Known: {', '.join(known)}")

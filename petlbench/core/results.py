@@ -32,7 +32,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from petlbench.core.atomic import file_lock, file_mode, json_text, write_json_atomic, write_text_atomic
+from petlbench.core.atomic import (
+    FolderError,
+    check_writable_folder,
+    file_lock,
+    file_mode,
+    json_text,
+    write_json_atomic,
+    write_text_atomic,
+)
 from petlbench.core.record import SCHEMA_VERSION, flat_efficiency, upgrade_record
 
 FINISHED, RUNNING, FAILED, OOM = "finished", "running", "failed", "oom"
@@ -205,26 +213,10 @@ class ResultStore:
 
     def check_writable(self) -> None:
         """Raise ResultsFolderError unless results can be written under the root (creating nothing)."""
-        root = self.root
         try:
-            if root.exists() and not root.is_dir():
-                raise ResultsFolderError(f"results folder {root} is not a directory")
-            probe = root
-            while not probe.exists() and probe != probe.parent:
-                probe = probe.parent
-        except OSError as err:
-            raise ResultsFolderError(f"results folder {root} cannot be read ({err.strerror or err})") from None
-        if not probe.is_dir():
-            raise ResultsFolderError(f"results folder {root} cannot be created: {probe} is not a directory")
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=".petlbench-write-test.", dir=probe)
-            os.close(fd)
-            os.unlink(tmp)
-        except OSError as err:
-            reason = err.strerror or str(err)
-            if probe == root:
-                raise ResultsFolderError(f"results folder {root} is not writable ({reason})") from None
-            raise ResultsFolderError(f"results folder {root} cannot be created in {probe} ({reason})") from None
+            check_writable_folder(self.root, "results folder")
+        except FolderError as err:
+            raise ResultsFolderError(str(err)) from None
 
     def load(self, run_id: str) -> dict[str, Any] | None:
         """A run's record in the current schema, or None if it has none (or an unreadable one)."""

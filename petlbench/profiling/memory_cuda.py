@@ -123,9 +123,12 @@ def cpu_profiler_peak(fn: Callable[[], Any]) -> dict[str, int]:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    from petlbench.core.native_output import filtered_stderr
+
+    with filtered_stderr():  # kineto logs its start, stop and any failed GPU probe on fd 2
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
     current = peak = 0
     for event in events:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from petlbench.core.atomic import write_text_atomic
 from petlbench.core.environment import resolve_device
 from petlbench.core.method import (
     BackboneSpec,
@@ -60,6 +61,7 @@ from petlbench.profiling.models import (
     structure_signature,
 )
 
+BENCH_FILES = ("bench.md", "bench.json")  # what `run_bench` writes in its output folder
 ATTN_IMPL = {"fused": "sdpa", "explicit": "eager", "mixed": "mixed", "none": "none"}
 _FWD_MEMO: dict[tuple[Any, ...], dict[str, Any]] = {}
 
@@ -436,8 +438,7 @@ def run_bench(
     num_classes: int = 5,
     steps: int = 3,
     warmup: int = 1,
-    out_md: str | Path = "reports/bench.md",
-    out_json: str | Path = "results/bench.json",
+    out: str | Path = "reports",
     options: Mapping[str, Mapping[str, Any]] | None = None,
     log: Callable[[str], None] | None = None,
     bench_threads: int = 1,
@@ -447,7 +448,7 @@ def run_bench(
     Per method: estimated peak (CUDA target, what a GPU run would allocate), measured CPU peak of one
     steady-state step (the CPU allocator's profiler events, single thread) next to the estimator's CPU-target
     prediction of the same quantity, train-step and forward GFLOPs, and real step throughput measured in
-    this process. Writes a Markdown table to `out_md` and the rows to `out_json`. Runs with `bench_threads`
+    this process. Writes the Markdown table and the rows to `out`/bench.md and bench.json. Runs with `bench_threads`
     intra-op threads (1: the CPU allocator comparison needs it, and timings on a shared 2-core machine are
     otherwise at the mercy of OpenMP oversubscription).
     """
@@ -485,11 +486,9 @@ def run_bench(
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rows": rows,
     }
-    out_json, out_md = Path(out_json), Path(out_md)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-    out_md.write_text(bench_markdown(report))
+    out_md, out_json = (Path(out) / name for name in BENCH_FILES)
+    write_text_atomic(out_json, json.dumps(report, indent=2, default=_json_default) + "\n")
+    write_text_atomic(out_md, bench_markdown(report))
     report["paths"] = [str(out_md), str(out_json)]
     return report
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -13,12 +14,13 @@ from petlbench.engine.callbacks import Callbacks, RunCallback, RunView
 from petlbench.engine.training import to_device
 from petlbench.profiling.callbacks import EfficiencyCallback
 from petlbench.reports.introspection import introspection_arrays, save_introspection
+from petlbench.reports.tracker import tracker_callbacks
 
 
-def run_callbacks(profile: bool = True) -> RunCallback:
-    """The observers of one run: timing, CUDA peaks and power, the estimator and FLOPs (with `profile`), and the
-    attention maps of figures 6 and 9."""
-    return Callbacks([EfficiencyCallback(estimate=profile), IntrospectionCallback()])
+def run_callbacks(profile: bool = True, log_to: Sequence[str] = ()) -> RunCallback:
+    """The observers of one run: timing, CUDA peaks and power, the estimator and FLOPs (with `profile`), the
+    attention maps of figures 6 and 9, and the experiment trackers named in `log_to` (see `reports.tracker`)."""
+    return Callbacks([EfficiencyCallback(estimate=profile), IntrospectionCallback(), *tracker_callbacks(log_to)])
 
 
 class IntrospectionCallback(RunCallback):

@@ -134,7 +134,7 @@ def _run_claimed(job: dict[str, Any], store: ResultStore, hooks: Any) -> Summary
             )
     except Exception as err:  # noqa: BLE001 - a run that cannot start is recorded as failed; the sweep goes on
         return record_failure(store, job, FAILED, f"{type(err).__name__}: {err}", traceback.format_exc(limit=10))
-    record = run_training(cfg, source, store, hooks, run_callbacks(job.get("profile", True)))
+    record = run_training(cfg, source, store, hooks, run_callbacks(job.get("profile", True), job.get("log_to", ())))
     return summary_of(record)
 
 

@@ -391,6 +391,7 @@ def job_for(plan: SweepPlan, run: PlannedRun, force: bool = False) -> dict[str, 
         "results": str(plan.results),
         "force": force,
         "profile": plan.spec.profile,
+        "log_to": list(plan.spec.log_to),
         "label": f"{cell.cell.label} · {plan.phase_label(run)} lr={_fmt(run.config.lr)} "
         f"wd={_fmt(run.config.weight_decay)} seed={run.seed}",
     }

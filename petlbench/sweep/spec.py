@@ -42,6 +42,7 @@ SPEC_KEYS = (
     "workers",
     "skip_bad_images",
     "profile",
+    "log_to",
     "results",
     "data_root",
     "max_retries",
@@ -120,6 +121,7 @@ class SweepSpec:
     workers: int = 0
     skip_bad_images: bool = False
     profile: bool = True
+    log_to: tuple[str, ...] = ()  # experiment trackers fed every run's epochs (`reports.tracker`)
     results: str | None = None
     data_root: str | None = None
     max_retries: int = 2
@@ -224,6 +226,17 @@ def _bool(value: Any, key: str, where: _Where) -> bool:
     if not isinstance(value, bool):
         raise where.fail(key, f"expected true or false, got {value!r}")
     return value
+
+
+def _trackers(value: Any, where: _Where) -> tuple[str, ...]:
+    """Experiment tracker names (`reports.tracker`), each known."""
+    from petlbench.reports.tracker import TRACKERS
+
+    items = [str(item) for item in _as_list(value, "log_to", where)]
+    for i, item in enumerate(items):
+        if item not in TRACKERS:
+            raise where.fail(f"log_to[{i}]", f"{item!r} is not one of {', '.join(TRACKERS)}")
+    return tuple(dict.fromkeys(items))
 
 
 def _unknown_keys(data: Mapping[str, Any], allowed: Sequence[str], prefix: str, where: _Where) -> None:
@@ -408,6 +421,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> SweepSpec:
         workers=workers,
         skip_bad_images=_bool(data.get("skip_bad_images", False), "skip_bad_images", where),
         profile=_bool(data.get("profile", True), "profile", where),
+        log_to=_trackers(data.get("log_to") or [], where),
         results=data.get("results"),
         data_root=data.get("data_root"),
         max_retries=max_retries,
