@@ -81,16 +81,13 @@ def check_attention(attention: str) -> Attention:
 
 
 def size_flag(flag: str, value: str | None) -> int | str | None:
-    """A resolution or batch-size flag: a positive integer, 'auto' (the planner chooses), or None (not given)."""
+    """A resolution or batch-size flag: an integer, 'auto' (the planner chooses), or None (not given)."""
     if value is None or value.strip().lower() == "auto":
         return None if value is None else "auto"
     try:
-        number = int(value)
+        return int(value)  # its range is checked with the other run values
     except ValueError:
         fail(f"{flag} {value!r}: give a positive integer or 'auto'")
-    if number < 1:
-        fail(f"{flag} {value!r}: give a positive integer or 'auto'")
-    return number
 
 
 def check_amp(amp: str) -> Amp:
