@@ -167,7 +167,12 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
         if not Path(request.weights).is_file():
             raise RunRequestError(f"--weights {request.weights}: no such file")
         notes.extend(check_weights(backbone, request.weights, request.res))
-        weights_label = f"file:{Path(request.weights).name}#{file_digest(request.weights)}"
+        weights_label = weights_file_label(request.weights)
+        if weights_label.startswith("generated-pretrained:"):
+            notes.append(
+                f"--weights {Path(request.weights).name}: an LPM pre-trained on generated formula-driven images "
+                f"({weights_label.split('#')[0]}), not on natural images"
+            )
     if weights_label == "random-init":
         notes.append(f"backbone {backbone_name}: random initialisation (no --pretrained or --weights)")
 
@@ -221,6 +226,16 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
             )
             configs.append((method, cfg))
     return ResolvedRun(methods, source, backbone, configs, notes)
+
+
+def weights_file_label(path: str | Path) -> str:
+    """How results name a weights file: its name and content digest, prefixed with the recipe when its card says
+    it was pre-trained on generated images (`petlbench pretrain`)."""
+    from petlbench.pretrain.train import generated_label, read_card
+
+    label = f"file:{Path(path).name}#{file_digest(path)}"
+    card = read_card(Path(path))
+    return f"{generated_label(card)}:{label}" if card is not None else label
 
 
 def check_weights(backbone: BackboneSpec, path: str | Path, res: int) -> list[str]:
