@@ -152,9 +152,10 @@ def resolve(request: RunRequest, log: Callable[[str], None] = print) -> Resolved
     if backbone_name is None:
         if embedded and not has_gpu:
             backbone_name = TINY_BACKBONE
+            init = "" if request.weights or request.pretrained else " (random init)"
             notes.append(
                 f"embedded default: no --dataset and no GPU, so the synthetic lesion dataset and timm's tiny "
-                f"ViT '{TINY_BACKBONE}' (random init) are used; pass --dataset/--backbone for real runs"
+                f"ViT '{TINY_BACKBONE}'{init} are used; pass --dataset/--backbone for real runs"
             )
         else:
             backbone_name = "vit_base_patch16_224"
