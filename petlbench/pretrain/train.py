@@ -156,12 +156,11 @@ def pretrain(
     import timm
 
     from petlbench.backbones.vit import check_resolution
-    from petlbench.engine.step import flush_denormals
 
     check_resolution(backbone, recipe.size)
     if threads < 1:
         raise PretrainError(f"threads must be at least 1, got {threads}")
-    flush_denormals()
+    torch.set_flush_denormal(True)  # as `engine.step.flush_denormals` (not imported: the engine imports us)
     previous_threads = torch.get_num_threads()
     # One thread by default: a tiny ViT gains little from intra-op threads, and on a shared CPU two OpenMP threads
     # were measured 11x slower per step than one (they spin-wait on each other's core).
