@@ -99,11 +99,32 @@ def render_points(
     return density[..., None] * colour[:, None, None, :]
 
 
+def smooth_backgrounds(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """Dim random-colour canvases [n, size, size, 3] with a random linear illumination gradient and vignetting."""
+    grid = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
+    angle = rng.uniform(0, 2 * math.pi, size=n).astype(np.float32)[:, None, None]
+    tilt = rng.uniform(0.0, 0.6, size=n).astype(np.float32)[:, None, None]
+    shade = 1.0 + tilt * (np.cos(angle) * grid[None, None, :] + np.sin(angle) * grid[None, :, None])
+    shade -= rng.uniform(0.0, 1.2, size=n).astype(np.float32)[:, None, None] * (
+        grid[None, None, :] ** 2 + grid[None, :, None] ** 2
+    )
+    colour = rng.uniform(0.05, 0.55, size=(n, 3)).astype(np.float32)
+    return np.clip(shade, 0.0, None)[..., None] * colour[:, None, None, :]
+
+
 def fractal_images(
-    maps: np.ndarray, prob: np.ndarray, labels: np.ndarray, size: int, seed: int, stream: int, points: int = 96
+    maps: np.ndarray,
+    prob: np.ndarray,
+    labels: np.ndarray,
+    size: int,
+    seed: int,
+    stream: int,
+    points: int = 96,
+    background: bool = False,
 ) -> np.ndarray:
     """Instances of the IFS categories `labels` (indices into maps/prob): one map parameter jittered, random
-    scale, shift, flip and colour (FractalDB's variations), rendered at `size` px as uint8 [N, size, size, 3]."""
+    scale, shift, flip and colour (FractalDB's variations), rendered at `size` px as uint8 [N, size, size, 3], on
+    black or (`background`) on a smooth random-colour canvas."""
     rng = _rng(seed, 3, stream)
     n = len(labels)
     chosen = maps[labels].copy()
@@ -116,6 +137,10 @@ def fractal_images(
     img = render_points(
         cloud, size, _colours(rng, n), scale=rng.uniform(0.65, 1.0, size=n), shift=rng.uniform(-0.08, 0.08, (n, 2))
     )
+    if background:
+        canvas = smooth_backgrounds(rng, n, size)
+        drawn = img.max(axis=-1, keepdims=True) > 0
+        img = np.where(drawn, img, canvas)
     return _to_uint8(img)
 
 

@@ -34,6 +34,7 @@ class Recipe:
     weight_decay: float = 0.05
     warmup: float = 0.05  # share of the steps with a linear learning-rate warm-up
     label_smoothing: float = 0.1
+    background: bool = False  # draw on a smooth random-colour canvas instead of black
 
     def identity(self) -> dict[str, Any]:
         """Every field that changes the weights (the description does not)."""
@@ -43,7 +44,9 @@ class Recipe:
         """The instance renderer of this recipe's categories drawn from `seed`."""
         if self.family == "fractal":
             maps, prob = generators.ifs_systems(seed, self.classes, self.size)
-            return lambda s, labels, stream: generators.fractal_images(maps, prob, labels, self.size, s, stream)
+            return lambda s, labels, stream: generators.fractal_images(
+                maps, prob, labels, self.size, s, stream, background=self.background
+            )
         if self.family == "contour":
             cats = generators.contour_categories(seed, self.classes)
             return lambda s, labels, stream: generators.contour_images(cats, labels, self.size, s, stream)
@@ -56,6 +59,13 @@ CONTOUR_REF = "RCDB: Kataoka et al., Replacing Labeled Real-image Datasets with 
 
 for _recipe in (
     Recipe("fractal", "fractal", "FractalDB-style: IFS fractal categories, point clouds on black", FRACTAL_REF),
+    Recipe(
+        "fractal-bg",
+        "fractal",
+        "FractalDB-style fractals on smooth random-colour canvases instead of black",
+        FRACTAL_REF,
+        background=True,
+    ),
     Recipe("contour", "contour", "RCDB-style: radial contours of noisy polygons on black", CONTOUR_REF),
     Recipe(
         "fractal-tiny",
