@@ -82,15 +82,20 @@ def test_pretrain_caches_weights_with_a_card(lpm_home: Path, tmp_path: Path) -> 
 
 def test_generated_weights_are_labelled_as_such(lpm_home: Path, tmp_path: Path) -> None:
     """A run on generated weights stores the recipe in its weights label (and the file's digest in its id)."""
+    from petlbench.data.synthetic import generate
     from petlbench.engine.runner import RunRequest, resolve
 
     result = ensure_pretrained(get_recipe(TINY), "test_vit", 0, log=lambda line: None)
     out = copy_pretrained(result, tmp_path / "lpm.safetensors")
-    request = RunRequest(methods="linear_probe", results=tmp_path / "results", res=64, backbone="test_vit")
+    data = generate(tmp_path / "synth", n_per_class=3, size=64, num_classes=2)
+    request = RunRequest(
+        methods="linear_probe", dataset=str(data), results=tmp_path / "results", res=64, backbone="test_vit"
+    )
     resolved = resolve(dataclasses.replace(request, weights=str(out)), log=lambda line: None)
     label = resolved.configs[0][1].weights
     assert label.startswith(f"{generated_label(result.card)}:file:lpm.safetensors#")
     assert any("generated formula-driven images" in note for note in resolved.notes)
+    assert resolved.configs[0][1].run_id != resolve(request, log=lambda line: None).configs[0][1].run_id
     plain = tmp_path / "plain.safetensors"
     plain.write_bytes(out.read_bytes())  # same bytes, no card: an ordinary weights file
     other = resolve(dataclasses.replace(request, weights=str(plain)), log=lambda line: None)
