@@ -75,7 +75,8 @@ class RunConfig:
     dataset: str  # dataset name (card key, folder name or the embedded default's name)
     dataset_fingerprint: str
     backbone: str = "vit_base_patch16_224"
-    weights: str = "random-init"  # "random-init", "timm-pretrained" or "file:<path>#<sha>"
+    weights: str = "random-init"  # "random-init", "timm-pretrained", "file:<name>#<sha>" or
+    # "generated-pretrained:<recipe>:file:<name>#<sha>" (an LPM from `petlbench pretrain`)
     res: int = 512
     epochs: int = PAPER_EPOCHS
     batch_size: int = PAPER_BATCH_SIZE

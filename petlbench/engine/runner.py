@@ -183,9 +183,10 @@ def resolve(
     if backbone_name is None:
         if embedded and not has_gpu:
             backbone_name = TINY_BACKBONE
+            init = "" if request.weights or request.pretrained else " (random init)"
             notes.append(
                 f"embedded default: no --dataset and no GPU, so the synthetic lesion dataset and timm's tiny "
-                f"ViT '{TINY_BACKBONE}' (random init) are used; pass --dataset/--backbone for real runs"
+                f"ViT '{TINY_BACKBONE}'{init} are used; pass --dataset/--backbone for real runs"
             )
         else:
             backbone_name = "vit_base_patch16_224"
@@ -201,7 +202,12 @@ def resolve(
         # any resolution the backbone accepts shows whether the file fits it; 'auto' sizes are chosen later
         check_res = 16 * patch_size_of(backbone_name) if auto_res else int(request.res)
         notes.extend(check_weights(backbone, request.weights, check_res))
-        weights_label = f"file:{Path(request.weights).name}#{file_digest(request.weights)}"
+        weights_label = weights_file_label(request.weights)
+        if weights_label.startswith("generated-pretrained:"):
+            notes.append(
+                f"--weights {Path(request.weights).name}: an LPM pre-trained on generated formula-driven images "
+                f"({weights_label.split('#')[0]}), not on natural images"
+            )
     if weights_label == "random-init":
         notes.append(f"backbone {backbone_name}: random initialisation (no --pretrained or --weights)")
 
@@ -293,6 +299,16 @@ def _auto_axes(request: RunRequest, size_planner: SizePlanner | None) -> tuple[b
     if (auto_res or auto_batch) and size_planner is None:
         raise RunRequestError("'auto' sizes need a size planner here; give --res and --batch-size as numbers")
     return auto_res, auto_batch
+
+
+def weights_file_label(path: str | Path) -> str:
+    """How results name a weights file: its name and content digest, prefixed with the recipe when its card says
+    it was pre-trained on generated images (`petlbench pretrain`)."""
+    from petlbench.pretrain.train import generated_label, read_card
+
+    label = f"file:{Path(path).name}#{file_digest(path)}"
+    card = read_card(Path(path))
+    return f"{generated_label(card)}:{label}" if card is not None else label
 
 
 def check_weights(backbone: BackboneSpec, path: str | Path, res: int) -> list[str]:
