@@ -462,3 +462,13 @@ def test_run_cli_auto_without_budget_on_cpu_exits_2_before_any_work(tmp_path: Pa
     )
     assert result.exit_code == 2 and "--res auto for lora: no GPU budget" in result.output
     assert not list(tmp_path.glob("*/result.json"))
+
+
+def test_memory_sweep_in_worker_processes_gives_the_same_rows() -> None:
+    def values(jobs: int) -> list[dict[str, object]]:
+        rows = memory_sweep(["lora", "fpt_plus"], TINY, [32, 64], 2, gpu_mem_bytes="4MB", jobs=jobs)
+        return [{k: v for k, v in row.items() if k != "est_seconds"} for row in rows]
+
+    forked = values(2)
+    assert [(r["method"], r["res"]) for r in forked] == [("lora", 32), ("lora", 64), ("fpt_plus", 32), ("fpt_plus", 64)]
+    assert forked == values(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ class BackboneError(ValueError):
     """A backbone that cannot be built as asked (unknown name, bad resolution, unreadable weights)."""
 
 
+@functools.cache  # a meta build of the whole model, asked for by every estimate
 def patch_size_of(name: str) -> int:
     """Patch size of a timm ViT, read from a meta-device instance (no weights allocated)."""
     with torch.device("meta"):

@@ -17,6 +17,7 @@ DEVICE_HELP = "auto, cpu, cuda or cuda:N."
 PRETRAINED_HELP = "Load timm's hub weights for the backbone."
 WEIGHTS_HELP = "Local .safetensors / PyTorch checkpoint for the backbone."
 JSON_HELP = "Machine-readable output."
+JOBS_HELP = "Worker processes, one method each at a time; 0: one per CPU core, at most 4."
 LOG_TO_HELP = (
     "Experiment tracker fed each epoch's history (off by default): tensorboard, written to "
     "RESULTS/<run id>/tensorboard/; needs pip install 'petlbench[tracking]'."

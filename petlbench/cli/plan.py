@@ -5,14 +5,13 @@ fits a GPU, with the memory kind compared and the throughput (or FLOPs) there. T
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from petlbench.cli.common import OPT_HELP
+from petlbench.cli.common import JOBS_HELP, OPT_HELP
 
 ATTENTION_HELP = "Attention implementation: auto (as the model is built), fused (SDPA) or explicit (softmax map)."
 
@@ -38,9 +37,7 @@ def plan(
     ] = None,
     max_res: Annotated[int, typer.Option(help="Largest resolution searched (px).")] = 8192,
     max_batch: Annotated[int, typer.Option(help="Largest batch size searched.")] = 8192,
-    jobs: Annotated[
-        int, typer.Option(help="Worker processes, one method each at a time; 0: one per CPU core, at most 4.")
-    ] = 0,
+    jobs: Annotated[int, typer.Option(help=JOBS_HELP)] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per method.")] = False,
     out: Annotated[Path, typer.Option(help="Folder for the Markdown, JSON and figure (PNG + PDF).")] = Path("reports"),
     reference: Annotated[Path, typer.Option(help="Folder of measured references (petlbench validate JSON).")] = Path(
@@ -57,6 +54,7 @@ def plan(
     from petlbench.core.options import parse_opt_flags
     from petlbench.profiling.planner import plan_markdown, plan_methods
     from petlbench.profiling.profile import _json_default, parse_mem
+    from petlbench.profiling.workers import auto_workers
     from petlbench.reports.plan_figure import write_plan
 
     try:
@@ -65,7 +63,10 @@ def plan(
         fail(str(err))
     if budget is None or budget <= 0 or batch_size < 1 or (res is not None and res < 1) or max_res < 1 or max_batch < 1:
         fail("--gpu-mem, --batch-size, --res, --max-res and --max-batch must be positive")
-    workers = jobs if jobs > 0 else min(os.cpu_count() or 1, 4)
+    try:
+        workers = auto_workers(jobs)
+    except ValueError as err:
+        fail(str(err))
     check_attention(attention)
     started = time.perf_counter()
     errors: tuple[type[BaseException], ...] = (*user_errors(), ValueError)

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from petlbench.cli.common import JSON_HELP, OPT_HELP
+from petlbench.cli.common import JOBS_HELP, JSON_HELP, OPT_HELP
 
 ATTENTION_HELP = "Attention implementation: auto (as the model is built), fused (SDPA) or explicit (softmax map)."
 
@@ -151,10 +151,12 @@ def memory(
     attention: Annotated[str, typer.Option(help=ATTENTION_HELP)] = "auto",
     opt: Annotated[list[str] | None, typer.Option("--opt", help=OPT_HELP)] = None,
     preset: Annotated[str | None, typer.Option(help=PRESET_HELP)] = None,
+    jobs: Annotated[int, typer.Option(help=JOBS_HELP)] = 0,
 ) -> None:
     """Estimated peak training memory of each method at each resolution (no GPU needed)."""
     from petlbench.cli.common import check_attention, console, fail, progress_log, user_errors
     from petlbench.profiling import memory_sweep, parse_mem
+    from petlbench.profiling.workers import auto_workers
 
     try:
         resolutions = [int(r) for r in res.split(",") if r.strip()]
@@ -180,8 +182,9 @@ def memory(
             attention=attention,
             options=options,
             log=progress_log(),
+            jobs=auto_workers(jobs),
         )
-    except user_errors() as err:
+    except user_errors() + (ValueError,) as err:
         fail(str(err))
     if as_json:
         _print_json(rows)

@@ -47,7 +47,6 @@ import functools
 import gc
 import json
 import math
-import multiprocessing
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +68,7 @@ from petlbench.profiling.memory_estimate import (
     select_memory_kind,
 )
 from petlbench.profiling.profile import make_method, parse_mem
+from petlbench.profiling.workers import fork_map
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_RES = 512
@@ -758,16 +758,7 @@ def _plan_all(
     work: list[tuple[str, dict[str, Any]]], workers: int, log: Callable[[str], None] | None
 ) -> list[MethodPlan]:
     plans = []
-    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-        # fork: workers inherit the imported modules (no re-import); the planner itself runs no CPU kernels
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            results = pool.imap(_plan_worker, work)
-            for plan in results:
-                _log_plan(plan, log)
-                plans.append(plan)
-        return plans
-    for item in work:
-        plan = _plan_worker(item)
+    for plan in fork_map(_plan_worker, work, workers):
         _log_plan(plan, log)
         plans.append(plan)
     return plans

@@ -298,8 +298,10 @@ def memory_sweep(
     *,
     target: str = "cuda",
     log: Callable[[str], None] | None = None,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
-    """Estimated training-step peak per method and resolution (fake-tensor replay, no real memory).
+    """Estimated training-step peak per method and resolution (fake-tensor replay, no real memory); with `jobs` > 1
+    the methods are estimated in that many forked worker processes (the same exact values).
 
     Rows: `method`, `res`, `est_peak_mem_mb` (MiB), `exceeds_budget` (bool, None without a budget),
     `est_breakdown_mb`, `attention`, `est_peak_phase`, `batch_size`, `backbone`, `mem_unit`. A configuration
@@ -308,18 +310,51 @@ def memory_sweep(
     is left out of garbage collection meanwhile (`planner.frozen_heap`).
     """
     from petlbench.profiling.planner import frozen_heap  # the planner imports this module
+    from petlbench.profiling.workers import fork_map
 
     budget = parse_mem(gpu_mem_bytes)
+
+    method_rows = functools.partial(
+        _sweep_method,
+        options=options,
+        backbone=backbone,
+        resolutions=[int(r) for r in resolutions],
+        batch_size=batch_size,
+        budget=budget,
+        num_classes=num_classes,
+        attention=attention,
+        target=target,
+    )
     rows = []
-    with frozen_heap():
-        for key in parse_method_keys(method_keys):
-            method = make_method(key, options)
-            for res in resolutions:
-                row = _sweep_cell(key, method, backbone, int(res), batch_size, budget, num_classes, attention, target)
+    with frozen_heap():  # frozen before forking, too: workers then share the frozen pages instead of copying them
+        for cells in fork_map(method_rows, parse_method_keys(method_keys), jobs):
+            for row in cells:
                 if log is not None:
-                    log(f"{key} @ {res}px: {row['est_peak_mem_mb']} MiB ({row['est_seconds']:.1f}s)")
+                    mem = row["est_peak_mem_mb"]
+                    what = f"{mem:,.1f} MiB" if mem is not None else f"no estimate ({row.get('error')})"
+                    log(f"{row['method']} @ {row['res']}px: {what} ({row['est_seconds']:.1f}s)")
                 rows.append(row)
     return rows
+
+
+def _sweep_method(
+    key: str,
+    *,
+    options: Mapping[str, Mapping[str, Any]] | None,
+    backbone: BackboneSpec,
+    resolutions: list[int],
+    batch_size: int,
+    budget: int | None,
+    num_classes: int,
+    attention: str,
+    target: str,
+) -> list[dict[str, Any]]:
+    """One method's row of the memory sweep (a module-level function: worker processes receive it pickled)."""
+    method = make_method(key, options)
+    return [
+        _sweep_cell(key, method, backbone, res, batch_size, budget, num_classes, attention, target)
+        for res in resolutions
+    ]
 
 
 def _sweep_cell(
