@@ -534,7 +534,7 @@ def test_plot_memory_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
     calls = []
 
-    def fake_sweep(keys, backbone, resolutions, batch_size, gpu_mem_bytes=None):  # noqa: ANN001, ANN202
+    def fake_sweep(keys, backbone, resolutions, batch_size, gpu_mem_bytes=None, log=None):  # noqa: ANN001, ANN202
         calls.append((list(keys), backbone.name, list(resolutions), batch_size, gpu_mem_bytes))
         return [
             {"method": k, "res": r, "est_peak_mem_mb": 100.0 * r, "exceeds_budget": False}
