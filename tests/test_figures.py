@@ -273,3 +273,16 @@ def test_figure9_image_keeps_its_value_range() -> None:
     fig, _ = figs.draw_token_attention([_sample(_half_image(), [1], [0.2], 0)])
     shown = [im for im in fig.axes[0].get_images() if isinstance(im, AxesImage)][0]
     assert np.asarray(shown.get_array()).max() == 200  # uint8 drawn as it is, no rescaling
+
+
+def test_every_method_of_a_figure_gets_its_own_colour() -> None:
+    """Eleven built-ins outnumber tab10: a colour reused within one figure would label two methods alike."""
+    from petlbench.core.method import method_keys
+    from petlbench.reports.figures import PALETTE, method_colors
+
+    order = method_keys()
+    everything = method_colors([*order, "plugin_a", "plugin_b"], order)
+    assert len(set(everything.values())) == len(everything) == len(order) + 2
+    assert everything[order[0]] == PALETTE[0]  # registry position keeps colours stable across figures
+    subset = method_colors(["fpt_plus", "full_ft"], order)
+    assert subset == {key: everything[key] for key in subset}

@@ -321,9 +321,12 @@ class ReportBuilder:
             return []
         found = []
         pool = df[(df["status"] == FINISHED) & df["method"].isin(list(methods))]
-        pool = pool.assign(_main=(pool["is_default"]) & (pool["backbone"] == self.sel.backbone))
+        pool = pool.assign(
+            _main=(pool["is_default"]) & (pool["backbone"] == self.sel.backbone),
+            _rank=pool["method"].map(list(methods).index),  # the caller's preference ("fpt" sorts before "fpt_plus")
+        )
         main = []
-        for _, run in pool.sort_values(["_main", "run_id"], ascending=[False, True]).iterrows():
+        for _, run in pool.sort_values(["_main", "_rank", "run_id"], ascending=[False, True, True]).iterrows():
             arrays = load_introspection(self.runs.root / str(run["run_id"]))
             if arrays and all(k in arrays for k in keys):
                 found.append((str(run["run_id"]), arrays))

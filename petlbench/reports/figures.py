@@ -36,6 +36,17 @@ PALETTE = (
     "#7f7f7f",
     "#bcbd22",
     "#17becf",
+    # past tab10 (eleven built-in methods, plus plugins): dark hues none of the above is close to
+    "#393b79",
+    "#637939",
+    "#843c39",
+    "#7b4173",
+    "#8c6d31",
+    "#1b9e77",
+    "#000000",
+    "#66a61e",
+    "#a6761d",
+    "#6b6ecf",
 )
 
 MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<")
@@ -61,14 +72,15 @@ def save_figure(fig: Figure, stem: str | Path) -> list[Path]:
 
 
 def method_colors(keys: Sequence[str], order: Sequence[str] = ()) -> dict[str, str]:
-    """A stable colour per method: registry position when known, else next free palette slot."""
+    """A stable colour per method, distinct within one figure: the palette slot of its registry position when no
+    other method of the figure has that colour, else the next free slot."""
     colors: dict[str, str] = {}
-    for key in keys:
-        if key in order:
-            colors[key] = PALETTE[list(order).index(key) % len(PALETTE)]
-    spare = iter(c for c in PALETTE * 3 if c not in colors.values())
-    for key in keys:
-        colors.setdefault(key, next(spare, "#333333"))
+    ranked = sorted(dict.fromkeys(keys), key=lambda k: list(order).index(k) if k in order else len(order))
+    for key in ranked:
+        preferred = PALETTE[list(order).index(key) % len(PALETTE)] if key in order else None
+        if preferred is None or preferred in colors.values():
+            preferred = next((c for c in PALETTE if c not in colors.values()), "#333333")
+        colors[key] = preferred
     return colors
 
 
