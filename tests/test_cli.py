@@ -233,31 +233,6 @@ def test_redirected_log_shows_each_epoch_while_the_run_goes_on(tmp_path: Path) -
     assert "━" in text and "Linear probing" in text  # the summary table, full width
 
 
-def test_long_estimates_report_each_piece_of_work_on_stderr_and_keep_stdout_for_the_result() -> None:
-    result = invoke(
-        "memory",
-        "--methods",
-        "lora,fpt_plus",
-        "--backbone",
-        "test_vit",
-        "--res",
-        "32,64",
-        "--batch-size",
-        "2",
-        "--json",
-    )
-    assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)
-    assert [(r["method"], r["res"]) for r in rows] == [("lora", 32), ("lora", 64), ("fpt_plus", 32), ("fpt_plus", 64)]
-    lines = result.stderr.splitlines()
-    assert [line.split(":")[0] for line in lines] == [
-        "lora @ 32px",
-        "lora @ 64px",
-        "fpt_plus @ 32px",
-        "fpt_plus @ 64px",
-    ]
-
-
 @pytest.mark.parametrize(
     ("backbone", "message"),
     [

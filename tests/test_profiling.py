@@ -631,7 +631,7 @@ def test_cli_profile_and_memory_json() -> None:
         [
             "memory",
             "--methods",
-            "bitfit",
+            "bitfit,fpt_plus",
             "--backbone",
             "test_vit",
             "--res",
@@ -644,8 +644,17 @@ def test_cli_profile_and_memory_json() -> None:
         ],
     )
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)
-    assert [r["res"] for r in rows] == [32, 64] and rows[0]["exceeds_budget"] is False
+    rows = json.loads(result.stdout)  # stdout holds the result alone ...
+    assert [(r["method"], r["res"]) for r in rows] == [
+        ("bitfit", 32),
+        ("bitfit", 64),
+        ("fpt_plus", 32),
+        ("fpt_plus", 64),
+    ]
+    assert rows[0]["exceeds_budget"] is False
+    # ... and stderr one line per estimate, as each is done
+    progress = [line.split(":")[0] for line in result.stderr.splitlines()]
+    assert progress == ["bitfit @ 32px", "bitfit @ 64px", "fpt_plus @ 32px", "fpt_plus @ 64px"]
     result = runner.invoke(_app(), ["memory", "--methods", "bitfit", "--backbone", "test_vit", "--res", "64"])
     assert result.exit_code == 0 and "bitfit" in result.output
 
