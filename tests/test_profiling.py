@@ -725,7 +725,7 @@ def test_optimizer_priming_on_meta_tensors_equals_priming_on_fake_tensors(key: s
     for stand_ins in (lambda: torch.device("meta"), FakeTensorMode):
         memory_estimate._PRIME_MEMO.clear()
         for foreach in (True, False):
-            increase, states, log = memory_estimate._prime_on_fakes(
+            increase, states, log = memory_estimate._prime_on_stand_ins(
                 params, make_optimizer, foreach, target, 512 if target == "cuda" else 1, stand_ins
             )
             results.append((increase, states, log.step_events))

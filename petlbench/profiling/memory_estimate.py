@@ -510,7 +510,7 @@ class _MetaSDPA(TorchFunctionMode):
         return self._choice[key]
 
 
-# Optimizer priming results, keyed by the trainable shapes and the optimizer configuration (see `_prime_on_fakes`).
+# Optimizer priming results, keyed by the trainable shapes and the optimizer configuration (see `_prime_on_stand_ins`).
 StateSpec = list[list[tuple[str, tuple[int, ...], tuple[int, ...], torch.dtype, bool]]]
 
 
@@ -528,7 +528,7 @@ class PrimeLog:
 _PRIME_MEMO: dict[tuple[Any, ...], tuple[int, StateSpec, PrimeLog]] = {}
 
 
-def _prime_on_fakes(
+def _prime_on_stand_ins(
     params: list[nn.Parameter],
     make_opt: MakeOptimizer,
     foreach: bool,
@@ -557,24 +557,24 @@ def _prime_on_fakes(
     # third of the time, which the planner pays once per parameter-shape set (every resolution, for a trainable
     # position table).
     with stand_ins():
-        fakes = [
+        stand_in_params = [
             nn.Parameter(torch.empty_strided(tuple(p.shape), tuple(p.stride()), dtype=p.dtype), requires_grad=True)
             for p in params
         ]
-        optimizer = make_opt(fakes, foreach=foreach)
+        optimizer = make_opt(stand_in_params, foreach=foreach)
         tracker = LiveStorageTracker(round_to)
         _attach_optimizer_hooks(optimizer, tracker, target)
         with tracker:
-            for p in fakes:
+            for p in stand_in_params:
                 tracker.track(p, "parameters")
             tracker.event_log = []
-            increase = _prime_optimizer(optimizer, fakes, tracker)
+            increase = _prime_optimizer(optimizer, stand_in_params, tracker)
             log = _take_prime_log(tracker)
             tracker.event_log = None
         tracker.closed = True
         states = []
         device_step = _device_step(optimizer)
-        for p in fakes:
+        for p in stand_in_params:
             entries = []
             for name, value in optimizer.state.get(p, {}).items():
                 if isinstance(value, torch.Tensor):
@@ -692,7 +692,7 @@ def estimate_model_memory(
         params = _trainable(model)
         optimizer = make_opt(params, foreach=foreach)
         if engine == "meta":  # outside the tracker: the priming's own tensors are not the step's
-            primed = _prime_on_fakes(params, make_opt, foreach, target, round_to)
+            primed = _prime_on_stand_ins(params, make_opt, foreach, target, round_to)
         handles = [p.register_post_accumulate_grad_hook(lambda p: tracker.relabel(p.grad, "gradients")) for p in params]
         if engine == "fake":
             handles += _attach_optimizer_hooks(optimizer, tracker, target)
